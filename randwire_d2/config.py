@@ -1,0 +1,109 @@
+"""MODEL.RANDWIRE.* config keys and their validation.
+
+Models take explicit arguments; this module is the thin layer that maps a
+detectron2 cfg onto them and names the offending key when a value is wrong.
+"""
+import json
+import os
+from typing import Dict
+
+from detectron2.config import CfgNode as CN
+
+from .graphs import GENERATORS, GraphSpec, specs_from_dict, validate_generator_params
+from .modeling.network import FEATURES, REGIMES, build_graph_specs
+
+NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN", "GN")
+EXECUTORS = ("reference",)
+
+
+def add_randwire_config(cfg: CN) -> CN:
+    """Add MODEL.RANDWIRE and the classification keys to ``cfg`` (idempotent)."""
+    _C = cfg
+    _C.MODEL.RANDWIRE = CN()
+    rw = _C.MODEL.RANDWIRE
+    rw.REGIME = "regular"  # "small" (C=78) or "regular" (C=109, 154)
+    rw.CHANNELS = 109  # C
+    rw.NODES = 32  # N; the regular regime's conv2 has N/2
+    rw.GENERATOR = "WS"  # "WS", "ER" or "BA"
+    rw.WS_K = 4
+    rw.WS_P = 0.75
+    rw.ER_P = 0.2
+    rw.BA_M = 5
+    rw.SEED = 0  # network seed; each stage derives its own
+    # JSON file of graph specs (or a checkpoint carrying them) to rebuild a model
+    # exactly, whatever networkx version is installed. Overrides GENERATOR/SEED.
+    rw.GRAPHS_FILE = ""
+    rw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    rw.NORM = "BN"
+    rw.DROP_PATH = 0.0
+    rw.EXECUTOR = "reference"
+    # Classification (pretraining) head
+    rw.NUM_CLASSES = 1000
+    rw.HEAD_CHANNELS = 1280
+    rw.DROPOUT = 0.2
+    rw.LABEL_SMOOTHING = 0.1
+    return cfg
+
+
+def _check(cond: bool, key: str, value, allowed: str):
+    if not cond:
+        raise ValueError(f"cfg.MODEL.RANDWIRE.{key} = {value!r} is invalid: {allowed}.")
+
+
+def generator_params(rw: CN) -> Dict[str, float]:
+    gen = str(rw.GENERATOR).upper()
+    _check(gen in GENERATORS, "GENERATOR", rw.GENERATOR, f"allowed are {list(GENERATORS)}")
+    keys = {"WS": {"k": "WS_K", "p": "WS_P"}, "ER": {"p": "ER_P"}, "BA": {"m": "BA_M"}}[gen]
+    params = {name: rw.get(key) for name, key in keys.items()}
+    try:
+        return validate_generator_params(gen, int(rw.NODES), params)
+    except ValueError as exc:
+        names = ", ".join(f"MODEL.RANDWIRE.{k}" for k in keys.values())
+        raise ValueError(f"Bad random-graph settings ({names}): {exc}") from None
+
+
+def load_graph_specs(path: str) -> Dict[str, GraphSpec]:
+    """Specs from a JSON file ({stage: spec}) or from a checkpoint that carries them."""
+    if not os.path.isfile(path):
+        raise ValueError(f"cfg.MODEL.RANDWIRE.GRAPHS_FILE: no such file {path!r}.")
+    if path.endswith(".json"):
+        with open(path) as f:
+            data = json.load(f)
+        data = data.get("randwire_graphs", data)
+    else:
+        from .checkpoint import read_graph_specs
+
+        return read_graph_specs(path)
+    return specs_from_dict(data)
+
+
+def randwire_kwargs(cfg: CN) -> dict:
+    """Validated RandWireNet arguments from cfg.MODEL.RANDWIRE (names the bad key)."""
+    rw = cfg.MODEL.RANDWIRE
+    _check(rw.REGIME in REGIMES, "REGIME", rw.REGIME, f"allowed are {list(REGIMES)}")
+    _check(isinstance(rw.CHANNELS, int) and rw.CHANNELS >= 2, "CHANNELS", rw.CHANNELS, "an integer >= 2")
+    min_nodes = 4 if rw.REGIME == "regular" else 2  # regular conv2 has N/2 nodes
+    _check(isinstance(rw.NODES, int) and rw.NODES >= min_nodes, "NODES", rw.NODES,
+           f"an integer >= {min_nodes} for the {rw.REGIME} regime")
+    _check(isinstance(rw.SEED, int) and rw.SEED >= 0, "SEED", rw.SEED, "a non-negative integer")
+    _check(rw.NORM in NORMS, "NORM", rw.NORM, f"allowed are {list(NORMS)}")
+    _check(isinstance(rw.DROP_PATH, (int, float)) and 0.0 <= rw.DROP_PATH < 1.0, "DROP_PATH",
+           rw.DROP_PATH, "a rate in [0, 1)")
+    _check(isinstance(rw.DROPOUT, (int, float)) and 0.0 <= rw.DROPOUT < 1.0, "DROPOUT", rw.DROPOUT,
+           "a rate in [0, 1)")
+    _check(rw.EXECUTOR in EXECUTORS, "EXECUTOR", rw.EXECUTOR, f"allowed are {list(EXECUTORS)}")
+    feats = list(rw.OUT_FEATURES)
+    _check(bool(feats) and all(f in FEATURES[:-1] for f in feats), "OUT_FEATURES", feats,
+           f"a non-empty list from {list(FEATURES[:-1])}")
+    if rw.GRAPHS_FILE:
+        graphs = load_graph_specs(rw.GRAPHS_FILE)
+    else:
+        graphs = build_graph_specs(rw.REGIME, rw.NODES, rw.GENERATOR, generator_params(rw), rw.SEED)
+    return dict(
+        regime=rw.REGIME,
+        channels=rw.CHANNELS,
+        graphs=graphs,
+        norm=rw.NORM,
+        drop_path=float(rw.DROP_PATH),
+        out_features=feats,
+    )

@@ -1,0 +1,233 @@
+"""The RandWire network (stem, stages, classification head) as a detectron2 Backbone.
+
+One class serves both uses: the classifier builds it with a head, the detection
+backbone without, so their parameter names are identical by construction.
+"""
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
+from detectron2.modeling import Backbone
+
+from ..graphs import GraphSpec, generate_graph, stage_seed
+from .stage import RandWireStage
+
+REGIMES = ("small", "regular")
+STAGES = ("res2", "res3", "res4", "res5")
+FEATURES = ("stem",) + STAGES + ("linear",)
+STRIDES = {"stem": 2, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+
+def stage_layout(regime: str, channels: int, num_nodes: int) -> Dict[str, dict]:
+    """Per stage: output channels and, for randomly wired stages, the node count.
+
+    Small regime: conv2 is a plain 3x3 conv and conv3..conv5 have C, 2C, 4C channels;
+    regular regime: conv2 is wired with N/2 nodes and conv2..conv5 have C..8C.
+    """
+    if regime == "small":
+        return {
+            "res2": {"channels": channels, "nodes": None},
+            "res3": {"channels": channels, "nodes": num_nodes},
+            "res4": {"channels": 2 * channels, "nodes": num_nodes},
+            "res5": {"channels": 4 * channels, "nodes": num_nodes},
+        }
+    if regime == "regular":
+        return {
+            "res2": {"channels": channels, "nodes": num_nodes // 2},
+            "res3": {"channels": 2 * channels, "nodes": num_nodes},
+            "res4": {"channels": 4 * channels, "nodes": num_nodes},
+            "res5": {"channels": 8 * channels, "nodes": num_nodes},
+        }
+    raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}.")
+
+
+def build_graph_specs(
+    regime: str, num_nodes: int, generator: str, params: Mapping[str, float], seed: int
+) -> Dict[str, GraphSpec]:
+    """One graph per randomly wired stage, each from its own derived seed."""
+    layout = stage_layout(regime, 2, num_nodes)
+    return {
+        name: generate_graph(generator, stage["nodes"], stage_seed(seed, name), **params)
+        for name, stage in layout.items()
+        if stage["nodes"] is not None
+    }
+
+
+class ConvStage(nn.Module):
+    """Small regime conv2: ReLU, 3x3 conv (stride 2), norm."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, norm="BN"):
+        super().__init__()
+        self.conv = Conv2d(
+            in_channels, out_channels, 3, stride=2, padding=1, bias=False,
+            norm=get_norm(norm, out_channels),
+        )
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.conv(F.relu(x))
+
+
+class Stem(nn.Module):
+    """conv1: 3x3 conv to C/2 channels, stride 2, norm."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, norm="BN"):
+        super().__init__()
+        self.conv1 = Conv2d(
+            in_channels, out_channels, 3, stride=2, padding=1, bias=False,
+            norm=get_norm(norm, out_channels),
+        )
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.conv1(x)
+
+
+class ClassifierHead(nn.Module):
+    """ReLU, 1x1 conv to ``head_channels``, norm, ReLU, global average pool, dropout, FC."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, head_channels=1280, norm="BN", dropout=0.0):
+        super().__init__()
+        self.conv = Conv2d(in_channels, head_channels, 1, bias=False, norm=get_norm(norm, head_channels))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(head_channels, num_classes)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        x = F.relu(self.conv(F.relu(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # adaptive: any input size works
+        return self.fc(self.dropout(x))
+
+
+class RandWireNet(Backbone):
+    """RandWire network with explicit arguments (no config access).
+
+    Args:
+        regime: "small" or "regular" (paper Table 1).
+        channels: C, the width of the first wired stage.
+        graphs: a GraphSpec per randomly wired stage that is built ("res2".."res5";
+            res2 only in the regular regime). Use :func:`build_graph_specs`.
+        out_features: any of "stem", "res2".."res5", "linear". Stages after the
+            last requested one are not built (unused parameters break DDP).
+        num_classes: builds the classification head; needed for "linear".
+        freeze_at: 0 none, 1 the stem, k>=2 the stem and res2..res{k}.
+    """
+
+    def __init__(
+        self,
+        *,
+        regime: str,
+        channels: int,
+        graphs: Mapping[str, GraphSpec],
+        in_channels: int = 3,
+        norm="BN",
+        drop_path: float = 0.0,
+        out_features: Optional[Sequence[str]] = None,
+        num_classes: Optional[int] = None,
+        head_channels: int = 1280,
+        dropout: float = 0.0,
+        freeze_at: int = 0,
+    ):
+        super().__init__()
+        if out_features is None:
+            out_features = ["linear"] if num_classes else ["res5"]
+        out_features = list(out_features)
+        bad = [f for f in out_features if f not in FEATURES]
+        if not out_features or bad:
+            raise ValueError(f"out_features {out_features} invalid: choose from {list(FEATURES)}.")
+        if "linear" in out_features and not num_classes:
+            raise ValueError("out_features 'linear' needs num_classes > 0.")
+        layout = stage_layout(regime, channels, 32)
+        last = max(FEATURES.index(f) for f in out_features)
+        self.regime, self.channels = regime, channels
+        self._out_features = out_features
+        self._out_feature_channels: Dict[str, int] = {}
+        self._out_feature_strides: Dict[str, int] = {}
+
+        stem_channels = channels // 2
+        self.stem = Stem(in_channels, stem_channels, norm=norm)
+        self._record("stem", stem_channels)
+        self.stage_names: List[str] = []
+        prev = stem_channels
+        for index, name in enumerate(STAGES, start=1):
+            if index > last:
+                break
+            out = layout[name]["channels"]
+            if layout[name]["nodes"] is None:
+                stage = ConvStage(prev, out, norm=norm)
+            else:
+                if name not in graphs:
+                    raise ValueError(f"No graph spec given for randomly wired stage {name}.")
+                stage = RandWireStage(graphs[name], prev, out, norm=norm, drop_path=drop_path)
+            self.add_module(name, stage)
+            self.stage_names.append(name)
+            self._record(name, out)
+            prev = out
+        self.head = None
+        if "linear" in out_features:
+            self.head = ClassifierHead(prev, num_classes, head_channels=head_channels, norm=norm, dropout=dropout)
+        self.freeze(freeze_at)
+
+    def _record(self, name: str, channels: int):
+        self._out_feature_channels[name] = channels
+        self._out_feature_strides[name] = STRIDES[name]
+
+    @property
+    def graph_specs(self) -> Dict[str, GraphSpec]:
+        """The graphs this network was built from, by stage name."""
+        return {
+            name: stage.graph
+            for name in self.stage_names
+            if isinstance(stage := getattr(self, name), RandWireStage)
+        }
+
+    @property
+    def size_divisibility(self) -> int:
+        # Inputs padded to a multiple of 32 give every stage an exact H/stride size.
+        return 32
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            for name in self._out_features
+            if name != "linear"
+        }
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.stem.conv1.in_channels:
+            raise ValueError(
+                f"RandWireNet expects (N, {self.stem.conv1.in_channels}, H, W) input, got {tuple(x.shape)}."
+            )
+        outputs = {}
+        x = self.stem(x)
+        if "stem" in self._out_features:
+            outputs["stem"] = x
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            if name in self._out_features:
+                outputs[name] = x
+        if self.head is not None:
+            outputs["linear"] = self.head(x)
+        return outputs
+
+    def freeze(self, freeze_at: int = 0) -> "RandWireNet":
+        """Freeze the stem (1) and stages res2..res{freeze_at}, as detectron2's ResNet does.
+
+        Frozen parts stop getting gradients and their BatchNorms become FrozenBN.
+        """
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at must be in [0, 5], got {freeze_at}.")
+        parts = ["stem"] + [f"res{i}" for i in range(2, freeze_at + 1)] if freeze_at else []
+        for name in parts:
+            module = getattr(self, name, None)
+            if module is None:
+                continue
+            for p in module.parameters():
+                p.requires_grad_(False)
+            setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(module))
+        return self

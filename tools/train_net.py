@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Train or evaluate RandWire models (Faster R-CNN FPN detection, ImageNet classification).
+
+Same CLI as detectron2's tools/train_net.py:
+    python tools/train_net.py --config-file configs/randwire_frcnn.yaml --num-gpus 8
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
+    python tools/train_net.py --config-file CFG --resume          # continue after preemption
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import randwire_d2  # noqa: E402,F401  (registers backbones, meta-arch, datasets)
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
+from randwire_d2.engine import Trainer, setup  # noqa: E402
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        RandWireCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
