@@ -48,12 +48,15 @@ def build_graph_specs(
     regime: str, num_nodes: int, generator: str, params: Mapping[str, float], seed: int
 ) -> Dict[str, GraphSpec]:
     """One graph per randomly wired stage, each from its own derived seed."""
-    layout = stage_layout(regime, 2, num_nodes)
-    return {
-        name: generate_graph(generator, stage["nodes"], stage_seed(seed, name), **params)
-        for name, stage in layout.items()
-        if stage["nodes"] is not None
-    }
+    specs = {}
+    for name, stage in stage_layout(regime, 2, num_nodes).items():
+        if stage["nodes"] is None:
+            continue
+        try:
+            specs[name] = generate_graph(generator, stage["nodes"], stage_seed(seed, name), **params)
+        except ValueError as exc:
+            raise ValueError(f"Stage {name} ({stage['nodes']} nodes, {regime} regime): {exc}") from None
+    return specs
 
 
 class ConvStage(nn.Module):
@@ -150,6 +153,13 @@ class RandWireNet(Backbone):
         self._out_feature_strides: Dict[str, int] = {}
 
         stem_channels = channels // 2
+        if norm == "GN":  # detectron2's GN uses 32 groups
+            widths = [stem_channels] + [layout[n]["channels"] for n in STAGES]
+            if any(w % 32 for w in widths):
+                raise ValueError(
+                    f"norm 'GN' (32 groups) needs every width divisible by 32; C={channels} gives "
+                    f"stem C/2={stem_channels} and stages {widths[1:]}. Use C a multiple of 64."
+                )
         self.stem = Stem(in_channels, stem_channels, norm=norm)
         self._record("stem", stem_channels)
         self.stage_names: List[str] = []
