@@ -1,0 +1,23 @@
+"""Packaging for randwire_d2, a Detectron2 plugin for RandWire networks.
+
+detectron2 is deliberately not in install_requires: it is not installable by
+name from a package index. Run ``python tools/install_detectron2.py`` (or
+``bash tools/setup.sh``) to get it.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="randwire_d2",
+    version="0.1.0",
+    description="RandWire (randomly wired) backbones for Detectron2",
+    packages=find_packages(include=["randwire_d2*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch",
+        "torchvision",
+        "networkx",
+        "fvcore",
+        "pycocotools",
+    ],
+    extras_require={"test": ["pytest"]},
+)
