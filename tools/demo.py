@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Run a trained detector on images and save visualisations.
+
+Example::
+
+    python tools/demo.py --config-file configs/demo/faster_rcnn_randwire_demo.yaml \
+        --input path/to/images/ more.jpg "shots/*.png" --output vis/ \
+        --confidence-threshold 0.5 --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
+
+Each input image ``X.ext`` is written as ``<output>/X.png`` with its boxes,
+class names and scores drawn by detectron2's ``Visualizer``. ``--input`` takes
+files, directories (all images directly inside) and glob patterns. Options
+after ``--opts`` are ``KEY VALUE`` pairs merged into the config last, as in
+detectron2's own demo.
+"""
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+# allow running from a source checkout without installing the package
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+logger = logging.getLogger("randwire_d2.demo")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Run a RandWire detector on images and save visualisations."
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="image files, directories (all images inside) or glob patterns",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="directory to write <name>.png visualisations to (created if needed)",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="minimum score for a detection to be shown",
+    )
+    parser.add_argument(
+        "--opts",
+        help="config options as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu",
+        default=[],
+        nargs=argparse.REMAINDER,
+    )
+    return parser
+
+
+def _is_image(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def collect_inputs(inputs):
+    """Expand files / directories / globs into a sorted, de-duplicated list.
+
+    Raises FileNotFoundError naming an input that matches nothing, and
+    ValueError if no image is found at all.
+    """
+    found = []
+    for item in inputs:
+        expanded = os.path.expanduser(item)
+        if os.path.isdir(expanded):
+            found.extend(
+                os.path.join(expanded, f)
+                for f in sorted(os.listdir(expanded))
+                if _is_image(os.path.join(expanded, f))
+            )
+        elif os.path.isfile(expanded):
+            found.append(expanded)
+        elif glob.has_magic(expanded):
+            matches = sorted(glob.glob(expanded, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"--input pattern matches nothing: {item}")
+            found.extend(m for m in matches if _is_image(m))
+        else:
+            raise FileNotFoundError(f"--input path does not exist: {item}")
+    seen, images = set(), []
+    for p in found:
+        key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            images.append(p)
+    if not images:
+        raise ValueError(
+            "no images found in --input ({}); supported extensions: {}".format(
+                " ".join(inputs), " ".join(IMAGE_EXTENSIONS)
+            )
+        )
+    return images
+
+
+def setup_cfg(args):
+    from detectron2.config import get_cfg
+
+    from randwire_d2.config import add_randwire_config
+
+    cfg = get_cfg()
+    add_randwire_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    # apply the threshold to every kind of head the config may use
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
+    cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
+    cfg.freeze()
+    return cfg
+
+
+def _unique_output_path(out_dir: str, image_path: str, used: set) -> str:
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    name, k = stem, 1
+    while name in used:  # same stem from two folders: a.png, a_1.png, ...
+        name = f"{stem}_{k}"
+        k += 1
+    used.add(name)
+    return os.path.join(out_dir, name + ".png")
+
+
+def _draw_with_pil(img_rgb, instances, class_names, out_path):
+    """Minimal stand-in for detectron2's Visualizer, which needs OpenCV."""
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(img_rgb)
+    draw = ImageDraw.Draw(pil)
+    boxes = instances.pred_boxes.tensor.tolist() if instances.has("pred_boxes") else []
+    scores = instances.scores.tolist() if instances.has("scores") else [None] * len(boxes)
+    classes = instances.pred_classes.tolist() if instances.has("pred_classes") else [None] * len(boxes)
+    for box, score, cls in zip(boxes, scores, classes):
+        name = (
+            class_names[cls] if class_names and cls is not None and cls < len(class_names)
+            else str(cls)
+        )
+        label = name if score is None else f"{name} {score:.0%}"
+        draw.rectangle(box, outline=(255, 40, 40), width=2)
+        draw.text((box[0] + 2, box[1] + 1), label, fill=(255, 255, 0))
+    pil.save(out_path)
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="randwire_d2")
+    setup_logger(name="detectron2", abbrev_name="d2")
+    logger.info("Arguments: %s", args)
+
+    if not os.path.isfile(args.config_file):
+        logger.error("--config-file does not exist: %s", args.config_file)
+        return 2
+    try:
+        images = collect_inputs(args.input)
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+
+    import randwire_d2  # noqa: F401  registers backbones and demo datasets
+    from randwire_d2.data.demo import register_demo_datasets
+
+    register_demo_datasets()  # idempotent; makes sure the demo metadata exists
+
+    from detectron2.data import MetadataCatalog
+    from detectron2.data.detection_utils import read_image
+    from detectron2.engine import DefaultPredictor
+    try:
+        from detectron2.utils.visualizer import ColorMode, Visualizer
+    except ImportError as e:  # detectron2's Visualizer imports cv2 (OpenCV)
+        Visualizer = None
+        logger.warning(
+            "detectron2's Visualizer is unavailable (%s); drawing plain boxes with PIL. "
+            "`pip install opencv-python-headless` for the full visualisation.", e
+        )
+
+    cfg = setup_cfg(args)
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning("MODEL.WEIGHTS is empty: predictions come from an untrained model")
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
+    predictor = DefaultPredictor(cfg)
+
+    os.makedirs(args.output, exist_ok=True)
+    used = set()
+    for path in images:
+        img = read_image(path, format="BGR")  # DefaultPredictor expects BGR
+        start = time.perf_counter()
+        predictions = predictor(img)
+        elapsed = time.perf_counter() - start
+        instances = predictions["instances"].to("cpu")
+        out_path = _unique_output_path(args.output, path, used)
+        img_rgb = img[:, :, ::-1]
+        if Visualizer is not None:
+            vis = Visualizer(img_rgb, metadata, scale=1.0, instance_mode=ColorMode.IMAGE)
+            vis.draw_instance_predictions(predictions=instances).save(out_path)
+        else:
+            _draw_with_pil(
+                np.ascontiguousarray(img_rgb), instances,
+                metadata.get("thing_classes", None), out_path,
+            )
+        logger.info(
+            "%s: %d detections in %.3fs -> %s", path, len(instances), elapsed, out_path
+        )
+    logger.info("Wrote %d visualisations to %s", len(images), args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
