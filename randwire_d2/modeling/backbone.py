@@ -4,6 +4,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 
 from ..config import randwire_kwargs
+from ..registry import register_once
 from .network import RandWireNet
 
 
@@ -16,7 +17,7 @@ def _check_fpn_inputs(cfg, bottom_up: RandWireNet):
         )
 
 
-@BACKBONE_REGISTRY.register()
+@register_once(BACKBONE_REGISTRY)
 def build_randwire_backbone(cfg, input_shape: ShapeSpec) -> RandWireNet:
     """RandWire with the features in MODEL.RANDWIRE.OUT_FEATURES (res2..res5, strides 4..32)."""
     return RandWireNet(
@@ -26,7 +27,7 @@ def build_randwire_backbone(cfg, input_shape: ShapeSpec) -> RandWireNet:
     )
 
 
-@BACKBONE_REGISTRY.register()
+@register_once(BACKBONE_REGISTRY)
 def build_randwire_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """RandWire + FPN + max-pooled P6: p2..p6, for Faster/Mask R-CNN."""
     bottom_up = build_randwire_backbone(cfg, input_shape)
@@ -41,7 +42,7 @@ def build_randwire_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     )
 
 
-@BACKBONE_REGISTRY.register()
+@register_once(BACKBONE_REGISTRY)
 def build_randwire_retinanet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """RandWire + FPN with P6/P7 from res5: p3..p7, for RetinaNet."""
     bottom_up = build_randwire_backbone(cfg, input_shape)

@@ -9,10 +9,11 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..config import randwire_kwargs
+from ..registry import register_once
 from .network import RandWireNet
 
 
-@META_ARCH_REGISTRY.register()
+@register_once(META_ARCH_REGISTRY)
 class RandWireClassifier(nn.Module):
     """``backbone`` is a RandWireNet with its head, so its parameter names
     ('backbone.stem.*', 'backbone.res3.*', ...) match the detection backbone's

@@ -1,0 +1,35 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import randwire_d2  # noqa: E402,F401  (registers components)
+from randwire_d2.engine import setup_cfg  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_detection_cfg(config="configs/randwire_frcnn.yaml", *opts):
+    """A repo config shrunk to a CPU-sized RandWire (C=16, N=10) with no pretrained weights."""
+    cfg = setup_cfg(
+        os.path.join(REPO, config),
+        [
+            "MODEL.WEIGHTS", "",
+            "MODEL.DEVICE", "cpu",
+            "MODEL.RANDWIRE.CHANNELS", 16,
+            "MODEL.RANDWIRE.NODES", 10,
+            "MODEL.RANDWIRE.NORM", "BN",
+            "MODEL.BACKBONE.FREEZE_AT", 0,
+            "MODEL.FPN.OUT_CHANNELS", 32,
+            "SOLVER.AMP.ENABLED", False,
+            *opts,
+        ],
+    )
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_detection_cfg
