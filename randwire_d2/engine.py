@@ -144,8 +144,30 @@ def setup_cfg(config_file: str, opts=()):
     return cfg
 
 
+def check_run_settings(cfg, resume: bool = False) -> None:
+    """Refuse settings that would fail deep inside torch or train a broken model."""
+    device = str(cfg.MODEL.DEVICE)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"cfg.MODEL.DEVICE = {device!r} but no CUDA device is available: add MODEL.DEVICE cpu.")
+    weights = cfg.MODEL.WEIGHTS
+    resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if weights and "://" not in weights and not os.path.isfile(weights) and not resuming:
+        raise ValueError(
+            f"cfg.MODEL.WEIGHTS = {weights!r}: no such file. Pretrain with configs/imagenet/*.yaml and convert "
+            "with tools/convert_pretrained.py (see configs/randwire_frcnn.yaml), or pass MODEL.WEIGHTS \"\" "
+            "to train from scratch."
+        )
+    rw = cfg.MODEL.RANDWIRE
+    if not weights and rw.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.NAME.startswith("build_randwire"):
+        raise ValueError(
+            "cfg.MODEL.RANDWIRE.NORM = 'FrozenBN' with no MODEL.WEIGHTS freezes randomly initialised "
+            "statistics: to train from scratch use NORM BN, SyncBN or GN and MODEL.BACKBONE.FREEZE_AT 0."
+        )
+
+
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts)
+    check_run_settings(cfg, resume=args.resume)
     if is_classification(cfg):
         from .solver import resolve_schedule
 
