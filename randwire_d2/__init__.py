@@ -11,7 +11,7 @@ except ImportError as exc:  # one clear message instead of a deep traceback
         "randwire_d2 checkout, or build upstream detectron2 from source."
     ) from exc
 
-from . import modeling  # noqa: F401  (registers the backbones)
+from . import data, modeling  # noqa: F401  (registers datasets, backbones, meta-arch)
 from .config import add_randwire_config  # noqa: F401
 from .graphs import GraphSpec, generate_graph  # noqa: F401
 

@@ -13,7 +13,7 @@ from .graphs import GENERATORS, GraphSpec, specs_from_dict, validate_generator_p
 from .modeling.network import FEATURES, REGIMES, build_graph_specs
 
 NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN", "GN")
-EXECUTORS = ("reference",)
+EXECUTORS = ("reference", "fused", "batched")  # see randwire_d2/modeling/fast_stage.py
 
 
 def add_randwire_config(cfg: CN) -> CN:
@@ -36,13 +36,13 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     rw.NORM = "BN"
     rw.DROP_PATH = 0.0
-    rw.EXECUTOR = "reference"
+    rw.EXECUTOR = "batched"  # "reference", "fused" or "batched": randwire_d2/modeling/fast_stage.py
     # Classification (pretraining) head
     rw.NUM_CLASSES = 1000
     rw.HEAD_CHANNELS = 1280
     rw.DROPOUT = 0.2
     rw.LABEL_SMOOTHING = 0.1
-    return cfg
+    return add_classification_config(cfg)
 
 
 def _check(cond: bool, key: str, value, allowed: str):
@@ -106,4 +106,46 @@ def randwire_kwargs(cfg: CN) -> dict:
         norm=rw.NORM,
         drop_path=float(rw.DROP_PATH),
         out_features=feats,
+        executor=rw.EXECUTOR,
     )
+
+
+def add_classification_config(cfg: CN) -> CN:
+    """Keys of the classification (ImageNet pretraining) path; idempotent.
+
+    Schedules in epochs (resolved into iterations by ``randwire_d2.solver.resolve_schedule``;
+    all are no-ops at their defaults, so detection configs are unaffected):
+      SOLVER.EPOCHS             > 0: MAX_ITER = ceil(EPOCHS * num_train_images / IMS_PER_BATCH)
+      SOLVER.WARMUP_EPOCHS      > 0 (with EPOCHS): WARMUP_ITERS from epochs
+      SOLVER.LR_PER_256         > 0: BASE_LR = LR_PER_256 * IMS_PER_BATCH / 256 (linear scaling)
+      SOLVER.CHECKPOINT_EPOCHS  > 0 (with EPOCHS): CHECKPOINT_PERIOD from epochs
+      TEST.EVAL_EPOCHS          > 0 (with EPOCHS): TEST.EVAL_PERIOD from epochs
+    Data:
+      DATASETS.IMAGENET_ROOT    folder with train/ and val/ (else env RANDWIRE_IMAGENET_ROOT)
+      INPUT.CROP_SIZE           train crop / eval center crop (224)
+      INPUT.RESIZE_SIZE         eval shorter-side resize before the center crop (256)
+      INPUT.CLS_TRAIN_AUG       "random_resized_crop" (ImageNet) or "pad_crop" (small images)
+      INPUT.CLS_CROP_SCALE      area range of the random resized crop
+      INPUT.CLS_PAD             zero padding of "pad_crop"
+      TEST.IMS_PER_BATCH        evaluation images per process and batch
+      DATALOADER.CLS_PREFETCH_FACTOR  batches prefetched per loader worker
+    The flip follows detectron2's INPUT.RANDOM_FLIP ("horizontal" / "vertical" / "none").
+    """
+    def setdefault(node: CN, key: str, value):
+        if key not in node:
+            node[key] = value
+
+    setdefault(cfg.SOLVER, "EPOCHS", 0.0)
+    setdefault(cfg.SOLVER, "WARMUP_EPOCHS", 0.0)
+    setdefault(cfg.SOLVER, "LR_PER_256", 0.0)
+    setdefault(cfg.SOLVER, "CHECKPOINT_EPOCHS", 0.0)
+    setdefault(cfg.TEST, "EVAL_EPOCHS", 0.0)
+    setdefault(cfg.TEST, "IMS_PER_BATCH", 32)
+    setdefault(cfg.DATASETS, "IMAGENET_ROOT", "")
+    setdefault(cfg.INPUT, "CROP_SIZE", 224)
+    setdefault(cfg.INPUT, "RESIZE_SIZE", 256)
+    setdefault(cfg.INPUT, "CLS_TRAIN_AUG", "random_resized_crop")
+    setdefault(cfg.INPUT, "CLS_CROP_SCALE", (0.08, 1.0))
+    setdefault(cfg.INPUT, "CLS_PAD", 4)
+    setdefault(cfg.DATALOADER, "CLS_PREFETCH_FACTOR", 4)
+    return cfg

@@ -1,0 +1,162 @@
+"""Optimizer and epoch-based schedule for RandWire models (classification and detection).
+
+* :func:`build_optimizer`: SGD (``SOLVER.MOMENTUM``, ``SOLVER.NESTEROV``) with
+  ``SOLVER.WEIGHT_DECAY`` on convolution / linear weights only. No weight decay on
+  normalisation parameters (BN, SyncBN, GN, LN, ...: ``SOLVER.WEIGHT_DECAY_NORM``,
+  0 by default), on any bias, nor on the nodes' aggregation weights
+  (``*agg_weight``). Gradient clipping follows ``SOLVER.CLIP_GRADIENTS`` through
+  detectron2's ``maybe_add_gradient_clipping``.
+* The LR schedule is detectron2's own ``WarmupCosineLR`` (linear warm-up, then a
+  half-period cosine from BASE_LR to 0 over MAX_ITER), built by ``DefaultTrainer``.
+* :func:`resolve_schedule`: turns the epoch keys of ``add_classification_config`` into
+  iterations and scales the LR linearly with the batch size.
+"""
+import logging
+import math
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+__all__ = ["NO_DECAY_SUFFIXES", "NORM_TYPES", "build_optimizer", "param_groups", "resolve_schedule"]
+
+logger = logging.getLogger(__name__)
+
+NO_DECAY_SUFFIXES = ("agg_weight",)
+
+
+def _norm_types():
+    types = [
+        nn.modules.batchnorm._BatchNorm,  # BN, SyncBN, detectron2's NaiveSyncBatchNorm
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.LocalResponseNorm,
+        nn.modules.instancenorm._InstanceNorm,
+    ]
+    try:  # detectron2's LayerNorm (HEAD only) and FrozenBN (buffers only, listed for clarity)
+        from detectron2.layers import FrozenBatchNorm2d
+
+        types.append(FrozenBatchNorm2d)
+        from detectron2.layers import LayerNorm as D2LayerNorm  # type: ignore
+
+        types.append(D2LayerNorm)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+NORM_TYPES = _norm_types()
+
+
+def param_groups(
+    model: nn.Module, base_lr: float, weight_decay: float, weight_decay_norm: float = 0.0, bias_lr_factor: float = 1.0
+) -> List[Dict]:
+    """Parameter groups: ``weight_decay`` for weights of convs/linears and the like;
+    ``weight_decay_norm`` for norm layers; 0 for biases and ``*agg_weight``.
+
+    Each group carries a "names" list (ignored by the optimizer) for inspection.
+    Frozen parameters (requires_grad=False) are left out.
+    """
+    groups: Dict[tuple, Dict] = {}
+    seen = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, NORM_TYPES)
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{pname}" if module_name else pname
+            lr = base_lr
+            if is_norm:
+                wd = weight_decay_norm
+            elif pname == "bias":
+                wd, lr = 0.0, base_lr * bias_lr_factor
+            elif full.endswith(NO_DECAY_SUFFIXES):
+                wd = 0.0
+            else:
+                wd = weight_decay
+            group = groups.setdefault((lr, wd), {"params": [], "lr": lr, "weight_decay": wd, "names": []})
+            group["params"].append(p)
+            group["names"].append(full)
+    return list(groups.values())
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD + momentum with weight decay only where it belongs (see module docstring)."""
+    groups = param_groups(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+    )
+    if not groups:
+        raise ValueError("The model has no trainable parameters (everything frozen?).")
+    for g in groups:
+        g.pop("names")
+    return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
+        groups,
+        lr=cfg.SOLVER.BASE_LR,
+        momentum=cfg.SOLVER.MOMENTUM,
+        nesterov=cfg.SOLVER.NESTEROV,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+    )
+
+
+def num_train_images(cfg) -> int:
+    from detectron2.data import DatasetCatalog
+
+    from .data.classification import set_imagenet_root
+
+    set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
+    total = 0
+    for name in cfg.DATASETS.TRAIN:
+        n = len(DatasetCatalog.get(name))
+        if n == 0:
+            raise ValueError(f"Training dataset {name!r} is empty.")
+        total += n
+    return total
+
+
+def resolve_schedule(cfg, num_images: int = None):
+    """Turn epoch-based settings into iterations (mutates a defrosted ``cfg``; returns it).
+
+    * ``SOLVER.LR_PER_256 > 0``: ``BASE_LR = LR_PER_256 * IMS_PER_BATCH / 256`` (linear
+      scaling rule; the paper's 0.1 per 256 images).
+    * ``SOLVER.EPOCHS > 0``: ``MAX_ITER = ceil(EPOCHS * N / IMS_PER_BATCH)`` with N the
+      number of images in ``DATASETS.TRAIN`` (listed through DatasetCatalog unless
+      ``num_images`` is given); then, when positive, ``WARMUP_EPOCHS``,
+      ``SOLVER.CHECKPOINT_EPOCHS`` and ``TEST.EVAL_EPOCHS`` set WARMUP_ITERS,
+      CHECKPOINT_PERIOD and TEST.EVAL_PERIOD.
+    With the defaults (all 0) nothing changes: detection configs are untouched.
+    Leave ``SOLVER.REFERENCE_WORLD_SIZE`` at 0: IMS_PER_BATCH is the total batch.
+    """
+    solver = cfg.SOLVER
+    epochs = float(solver.get("EPOCHS", 0.0))
+    lr_per_256 = float(solver.get("LR_PER_256", 0.0))
+    if epochs < 0 or lr_per_256 < 0:
+        raise ValueError(f"SOLVER.EPOCHS ({epochs}) and SOLVER.LR_PER_256 ({lr_per_256}) must be >= 0.")
+    batch = solver.IMS_PER_BATCH
+    if lr_per_256 > 0:
+        solver.BASE_LR = lr_per_256 * batch / 256.0
+        logger.info(f"BASE_LR = {lr_per_256} x {batch} / 256 = {solver.BASE_LR:g}")
+    if epochs > 0:
+        if num_images is None:
+            num_images = num_train_images(cfg)
+        iters_per_epoch = num_images / batch
+        solver.MAX_ITER = int(math.ceil(epochs * iters_per_epoch))
+        warmup_epochs = float(solver.get("WARMUP_EPOCHS", 0.0))
+        if warmup_epochs > 0:
+            solver.WARMUP_ITERS = min(solver.MAX_ITER, int(round(warmup_epochs * iters_per_epoch)))
+        if float(solver.get("CHECKPOINT_EPOCHS", 0.0)) > 0:
+            solver.CHECKPOINT_PERIOD = max(1, int(round(solver.CHECKPOINT_EPOCHS * iters_per_epoch)))
+        if float(cfg.TEST.get("EVAL_EPOCHS", 0.0)) > 0:
+            cfg.TEST.EVAL_PERIOD = max(1, int(round(cfg.TEST.EVAL_EPOCHS * iters_per_epoch)))
+        logger.info(
+            f"{epochs:g} epochs of {num_images} images at batch {batch}: MAX_ITER={solver.MAX_ITER}, "
+            f"WARMUP_ITERS={solver.WARMUP_ITERS}, CHECKPOINT_PERIOD={solver.CHECKPOINT_PERIOD}, "
+            f"TEST.EVAL_PERIOD={cfg.TEST.EVAL_PERIOD}"
+        )
+    return cfg
