@@ -18,6 +18,7 @@ setup(
         "networkx",
         "fvcore",
         "pycocotools",
+        "opencv-python-headless",  # detectron2's Visualizer (tools/demo.py) imports cv2
     ],
     extras_require={"test": ["pytest"]},
 )

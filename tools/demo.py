@@ -3,7 +3,7 @@
 
 Example::
 
-    python tools/demo.py --config-file configs/demo/faster_rcnn_randwire_demo.yaml \
+    python tools/demo.py --config-file configs/demo/randwire_frcnn_demo.yaml \
         --input path/to/images/ more.jpg "shots/*.png" --output vis/ \
         --confidence-threshold 0.5 --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
 
@@ -20,7 +20,6 @@ import os
 import sys
 import time
 
-import numpy as np
 
 # allow running from a source checkout without installing the package
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,26 +133,6 @@ def _unique_output_path(out_dir: str, image_path: str, used: set) -> str:
     return os.path.join(out_dir, name + ".png")
 
 
-def _draw_with_pil(img_rgb, instances, class_names, out_path):
-    """Minimal stand-in for detectron2's Visualizer, which needs OpenCV."""
-    from PIL import Image, ImageDraw
-
-    pil = Image.fromarray(img_rgb)
-    draw = ImageDraw.Draw(pil)
-    boxes = instances.pred_boxes.tensor.tolist() if instances.has("pred_boxes") else []
-    scores = instances.scores.tolist() if instances.has("scores") else [None] * len(boxes)
-    classes = instances.pred_classes.tolist() if instances.has("pred_classes") else [None] * len(boxes)
-    for box, score, cls in zip(boxes, scores, classes):
-        name = (
-            class_names[cls] if class_names and cls is not None and cls < len(class_names)
-            else str(cls)
-        )
-        label = name if score is None else f"{name} {score:.0%}"
-        draw.rectangle(box, outline=(255, 40, 40), width=2)
-        draw.text((box[0] + 2, box[1] + 1), label, fill=(255, 255, 0))
-    pil.save(out_path)
-
-
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
 
@@ -180,14 +159,7 @@ def main(argv=None) -> int:
     from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
-    try:
-        from detectron2.utils.visualizer import ColorMode, Visualizer
-    except ImportError as e:  # detectron2's Visualizer imports cv2 (OpenCV)
-        Visualizer = None
-        logger.warning(
-            "detectron2's Visualizer is unavailable (%s); drawing plain boxes with PIL. "
-            "`pip install opencv-python-headless` for the full visualisation.", e
-        )
+    from detectron2.utils.visualizer import ColorMode, Visualizer
 
     cfg = setup_cfg(args)
     if not cfg.MODEL.WEIGHTS:
@@ -204,15 +176,8 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - start
         instances = predictions["instances"].to("cpu")
         out_path = _unique_output_path(args.output, path, used)
-        img_rgb = img[:, :, ::-1]
-        if Visualizer is not None:
-            vis = Visualizer(img_rgb, metadata, scale=1.0, instance_mode=ColorMode.IMAGE)
-            vis.draw_instance_predictions(predictions=instances).save(out_path)
-        else:
-            _draw_with_pil(
-                np.ascontiguousarray(img_rgb), instances,
-                metadata.get("thing_classes", None), out_path,
-            )
+        vis = Visualizer(img[:, :, ::-1], metadata, scale=1.0, instance_mode=ColorMode.IMAGE)
+        vis.draw_instance_predictions(predictions=instances).save(out_path)
         logger.info(
             "%s: %d detections in %.3fs -> %s", path, len(instances), elapsed, out_path
         )

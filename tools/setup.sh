@@ -112,6 +112,23 @@ log "detectron2: tools/install_detectron2.py"
 log "randwire_d2: pip install -e .[test]"
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
 
+# --- test data -------------------------------------------------------------------
+# Real images for the classification tests: foolbox ships 20 ImageNet val JPEGs
+# (read as files; foolbox itself is never imported, hence --no-deps), and Debian
+# packages Fashion-MNIST.
+if ! "$PY" -c "import importlib.util as u; assert u.find_spec('foolbox')" 2>/dev/null; then
+    log "test data: foolbox==3.3.4 (--no-deps, for its ImageNet sample JPEGs)"
+    "$PY" -m pip install -q --no-deps foolbox==3.3.4
+fi
+if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "test data: apt-get install dataset-fashion-mnist"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    else
+        log "test data: Fashion-MNIST missing; its tests skip (as root: apt-get install dataset-fashion-mnist)"
+    fi
+fi
+
 mkdir -p "$STAMP_DIR"
 echo "$HASH" > "$STAMP"
 log "done"
