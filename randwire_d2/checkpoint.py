@@ -1,5 +1,6 @@
 """Checkpoints that carry their graph specs, are written atomically, and refuse a
 model wired differently from the one they were trained with."""
+import glob
 import logging
 import os
 import pickle
@@ -78,7 +79,15 @@ def to_detection_pkl(checkpoint: Mapping, path: str) -> int:
 
 
 def _atomic_write(path: str, write) -> None:
-    """Write through a temp file + rename: a crash never leaves a truncated file."""
+    """Write through a temp file + rename: a crash never leaves a truncated file.
+
+    Temp files left by a process killed mid-write (SIGKILL skips the cleanup below) are
+    removed by the next write of the same file."""
+    for stale in glob.glob(glob.escape(path) + ".tmp.*"):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

@@ -1,20 +1,44 @@
 """Training/evaluation glue shared by tools/train_net.py: one Trainer for detection
-and classification, picking loaders, evaluators and optimizer by meta-architecture."""
+and classification, picking loaders, evaluators and optimizer by meta-architecture.
+
+Reliability (see :class:`Trainer`):
+
+* **Exact resume.** Training batches come from :class:`ResumableTrainLoader`: global batch
+  ``i`` (its images *and* their random augmentation) is a pure function of
+  ``(seed, i)``, whatever the number of processes or loader workers, so a run resumed
+  with ``--resume`` at iteration ``i`` sees exactly the data an uninterrupted run would
+  have seen. :class:`ExactResumeHook` reseeds the model's RNGs (dropout, drop-path, RPN/ROI
+  sampling) from ``(seed, iteration, rank)`` at every step and carries the data seed and
+  the recent metric history (for smoothed logged values) in the checkpoint.
+* **Distributed on CPU.** DDP of a CPU model (gloo) with detectron2 v0.6, whose
+  ``create_ddp_model`` always passes a GPU ``device_ids`` (see also ``randwire_d2.launch``).
+* **Hostile input.** Training dicts pass :func:`randwire_d2.data.validation.sanitize_detection_dicts`
+  and images are read by :class:`~randwire_d2.data.validation.SafeDatasetMapper`
+  (errors name the file).
+"""
+import contextlib
+import itertools
 import json
 import logging
 import os
+import random
 from collections import OrderedDict
+from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
+import torch.utils.data as torchdata
 
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.common import DatasetFromList
+from detectron2.engine import DefaultTrainer, HookBase, default_setup
 from detectron2.evaluation import COCOEvaluator
-from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
 from .checkpoint import RandWireCheckpointer
-from .config import add_randwire_config
+from .config import add_classification_config, add_randwire_config
+from .data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts
 
 logger = logging.getLogger("randwire_d2")
 CLASSIFIER = "RandWireClassifier"
@@ -34,9 +58,329 @@ def fast_coco_eval_available() -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- deterministic data
+def derive_seed(*values: int) -> int:
+    """A 32-bit seed mixing non-negative integers (numpy's SeedSequence hash)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
+
+
+_TAG_EPOCH, _TAG_SAMPLE, _TAG_STEP, _TAG_LOADER = 0, 1, 2, 3
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Seed python's, numpy's and torch's global RNGs (the ones detectron2's transforms and
+    the mappers draw from) for the duration of the block, then restore their states."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+class GlobalBatchStream:
+    """The training stream of global batches, a pure function of (seed, iteration).
+
+    Element ``p`` of the stream is image ``perm_e[p % n]`` with ``perm_e`` a permutation of
+    the ``n`` images seeded by ``(seed, e = p // n)``; global batch ``i`` holds elements
+    ``[i*B, (i+1)*B)``. With ``buckets`` (aspect-ratio grouping) a batch is filled from one
+    bucket only, in stream order, as detectron2's ``AspectRatioGroupedDataset`` does,
+    but over the *global* stream, so every process shares the bucket of a batch.
+    Each item is ``(position, index)``: ``position`` seeds the image's augmentation.
+    """
+
+    def __init__(self, size: int, seed: int, total_batch_size: int, buckets: Optional[np.ndarray] = None):
+        if size <= 0:
+            raise ValueError("The training dataset is empty.")
+        self.size, self.seed, self.batch = int(size), int(seed), int(total_batch_size)
+        self.buckets = None if buckets is None or len(set(buckets.tolist())) < 2 else buckets
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _TAG_EPOCH, epoch))
+        return torch.randperm(self.size, generator=gen).numpy()
+
+    def _elements(self, start: int = 0) -> Iterator[Tuple[int, int]]:
+        epoch, offset = divmod(start, self.size)
+        position = start
+        for e in itertools.count(epoch):
+            perm = self._perm(e)
+            for j in range(offset, self.size):
+                yield position, int(perm[j])
+                position += 1
+            offset = 0
+
+    def batches(self, start_iter: int = 0) -> Iterator[List[Tuple[int, int]]]:
+        """Global batches ``start_iter, start_iter + 1, ...`` (infinite)."""
+        if self.buckets is None:  # random access: no need to replay the stream
+            elements = self._elements(start_iter * self.batch)
+            while True:
+                yield list(itertools.islice(elements, self.batch))
+        filling: Dict[int, list] = {}
+        emitted = 0
+        for item in self._elements(0):  # grouping depends on history: replay indices only
+            bucket = filling.setdefault(int(self.buckets[item[1]]), [])
+            bucket.append(item)
+            if len(bucket) == self.batch:
+                if emitted >= start_iter:
+                    yield list(bucket)
+                emitted += 1
+                bucket.clear()
+
+
+def _first(batch):
+    return batch
+
+
+class _RankBatches(torchdata.IterableDataset):
+    """This process's share of each global batch, mapped with per-image seeds; batch ``j``
+    of the stream goes to loader worker ``j % num_workers``, so the order of batches does
+    not depend on the number of workers."""
+
+    def __init__(self, dicts, mapper, stream: GlobalBatchStream, start_iter, rank, world, collate):
+        self.dicts, self.mapper, self.stream = dicts, mapper, stream
+        self.start_iter, self.rank, self.world, self.collate = start_iter, rank, world, collate
+        self.per_rank = stream.batch // world
+
+    def _map(self, position: int, index: int):
+        for attempt in range(10):
+            with seeded_rngs(derive_seed(self.stream.seed, _TAG_SAMPLE, position, attempt)):
+                out = self.mapper(self.dicts[index])
+            if out is not None:
+                return out
+            # the mapper rejected the image (detectron2 convention): a deterministic substitute
+            logger.warning(f"The mapper returned None for dataset index {index}; using another image.")
+            index = derive_seed(self.stream.seed, _TAG_SAMPLE, position, attempt, 1) % len(self.dicts)
+        raise DataError(f"The mapper rejected 10 images in a row (last dataset index {index}).")
+
+    def __iter__(self):
+        info = torchdata.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        lo = self.rank * self.per_rank
+        for j, batch in enumerate(self.stream.batches(self.start_iter)):
+            if j % num_workers == worker:
+                yield self.collate([self._map(p, i) for p, i in batch[lo : lo + self.per_rank]])
+
+
+class ResumableTrainLoader:
+    """Iterable of this process's training batches (lists of mapped dicts) where global
+    batch ``i`` depends only on ``(seed, i)`` (see :class:`GlobalBatchStream`).
+
+    Iteration starts at ``start_iter`` (set by :meth:`Trainer.resume_or_load`) and is lazy:
+    nothing is loaded, and no worker started, until the first batch is requested, which
+    is after resuming even with detectron2 v0.6 (whose SimpleTrainer calls ``iter()`` in
+    its constructor).
+    """
+
+    def __init__(
+        self,
+        dataset_dicts: List[Dict],
+        mapper,
+        *,
+        total_batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        aspect_ratio_grouping: bool = False,
+        collate_fn=None,
+        loader_kwargs: Optional[Dict] = None,
+    ):
+        world = comm.get_world_size()
+        if total_batch_size <= 0 or total_batch_size % world:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({total_batch_size}) must be a positive multiple of the "
+                f"number of processes ({world})."
+            )
+        buckets = None
+        if aspect_ratio_grouping:
+            buckets = np.array(
+                [0 if d.get("width", 1) > d.get("height", 1) else 1 for d in dataset_dicts], dtype=np.int8
+            )
+        self.seed = int(seed)
+        self.start_iter = 0
+        self.total_batch_size = int(total_batch_size)
+        self._size = len(dataset_dicts)
+        self._buckets = buckets
+        self._dicts = DatasetFromList(dataset_dicts, copy=True)
+        self._mapper = mapper
+        self._num_workers = int(num_workers)
+        self._collate = collate_fn or _first
+        self._loader_kwargs = dict(loader_kwargs or {})
+
+    def stream(self) -> GlobalBatchStream:
+        return GlobalBatchStream(self._size, self.seed, self.total_batch_size, self._buckets)
+
+    def __iter__(self):
+        dataset = _RankBatches(
+            self._dicts, self._mapper, self.stream(), self.start_iter,
+            comm.get_rank(), comm.get_world_size(), self._collate,
+        )
+        kwargs = dict(self._loader_kwargs)
+        if self._num_workers == 0:
+            kwargs.pop("prefetch_factor", None)
+            kwargs.pop("persistent_workers", None)
+        # its own generator: creating the loader iterator must not draw from the global
+        # torch RNG, whose state at a given iteration would then depend on where the run started
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, _TAG_LOADER, self.start_iter, comm.get_rank()))
+        loader = torchdata.DataLoader(
+            dataset, batch_size=None, num_workers=self._num_workers, collate_fn=_first, generator=generator, **kwargs
+        )
+        yield from loader
+
+
+def _training_seed(cfg) -> int:
+    """cfg.SEED, or (SEED < 0) a random seed shared by all processes."""
+    return int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
+
+
+def _detection_num_classes(cfg) -> Optional[int]:
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "ProposalNetwork":
+        return None
+    if arch == "RetinaNet":
+        return int(cfg.MODEL.RETINANET.NUM_CLASSES)
+    return int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+
+def load_detection_train_dicts(cfg) -> List[Dict]:
+    """detectron2's training dicts (same filtering as its loader), then our checks."""
+    from detectron2.data import get_detection_dataset_dicts
+
+    names = list(cfg.DATASETS.TRAIN)
+    try:
+        dicts = get_detection_dataset_dicts(
+            names,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+    except DataError:
+        raise
+    except Exception as exc:  # e.g. load_coco_json's KeyError on an unknown category id
+        files = [MetadataCatalog.get(n).get("json_file", None) for n in names if n in DatasetCatalog.list()]
+        files = [f for f in files if f]
+        raise DataError(
+            f"Cannot load training dataset(s) {names}"
+            + (f" (annotation file(s) {files})" if files else "")
+            + f": {type(exc).__name__}: {exc}"
+        ) from exc
+    num_classes = _detection_num_classes(cfg)
+    dicts, _ = sanitize_detection_dicts(
+        dicts,
+        num_classes if num_classes is not None else 2**31,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        dataset_names=names,
+    )
+    if not dicts:
+        raise DataError(f"No usable training images left in {names}.")
+    return dicts
+
+
+def _classification_train_dicts(cfg) -> List[Dict]:
+    from .data.classification import set_imagenet_root
+
+    set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
+    names = list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("cfg.DATASETS.TRAIN is empty.")
+    dicts: List[Dict] = []
+    for name in names:
+        d = DatasetCatalog.get(name)
+        if not d:
+            raise DataError(f"Training dataset {name!r} is empty.")
+        if "label" not in d[0]:
+            raise DataError(f"Dataset {name!r} has no 'label' field: it is not a classification dataset.")
+        dicts.extend(d)
+    return dicts
+
+
+@contextlib.contextmanager
+def _ddp_for_cpu_models():
+    """detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DDP
+    refuses for a CPU model; give CPU models ``device_ids=None`` instead."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        param = next(model.parameters(), None)
+        if comm.get_world_size() > 1 and param is not None and param.device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
+class ExactResumeHook(HookBase):
+    """Makes a resumed run continue exactly like an uninterrupted one.
+
+    * before every step, seeds python/numpy/torch RNGs from ``(seed, iteration, rank)``:
+      the model's randomness (dropout, drop-path, RPN/ROI sampling) no longer depends on
+      how many iterations this process has run;
+    * its ``state_dict`` (saved inside the trainer's, i.e. in every checkpoint) carries
+      the data seed and the last ``KEEP`` values of each logged scalar, restored into the
+      EventStorage on resume so smoothed metrics (window medians) match too.
+    """
+
+    KEEP = 200
+
+    def __init__(self, loader=None, seed: Optional[int] = None):
+        self._loader = loader
+        self._seed = seed
+        self._pending_history = None
+
+    @property
+    def seed(self) -> Optional[int]:
+        return self._loader.seed if self._loader is not None else self._seed
+
+    def state_dict(self):
+        state = {"data_seed": self.seed}
+        storage = getattr(self.trainer, "storage", None)
+        if storage is not None:
+            state["history"] = {
+                name: [(float(v), int(it)) for v, it in buf.values()[-self.KEEP:]]
+                for name, buf in storage.histories().items()
+            }
+        return state
+
+    def load_state_dict(self, state):
+        seed = state.get("data_seed")
+        if seed is not None:
+            if self._loader is not None:
+                self._loader.seed = int(seed)
+            else:
+                self._seed = int(seed)
+        self._pending_history = state.get("history")
+
+    def before_train(self):
+        if self._pending_history:
+            histories = self.trainer.storage.histories()
+            start = self.trainer.start_iter
+            for name, entries in self._pending_history.items():
+                for value, iteration in entries:
+                    if iteration < start:
+                        histories[name].update(value, iteration)
+        self._pending_history = None
+
+    def before_step(self):
+        if self.seed is not None:
+            step_seed = derive_seed(self.seed, _TAG_STEP, self.trainer.iter, comm.get_rank())
+            random.seed(step_seed)
+            np.random.seed(step_seed)
+            torch.manual_seed(step_seed)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with RandWire checkpoints (graph specs, atomic writes, spec checks),
-    the classification data path, and weight decay kept off norms and aggregation weights."""
+    the classification data path, weight decay kept off norms and aggregation weights,
+    exactly resumable data and RNG streams, CPU DDP, and checked input data."""
 
     def __init__(self, cfg):
         if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
@@ -46,14 +390,47 @@ class Trainer(DefaultTrainer):
             cfg.defrost()
             cfg.SOLVER.AMP.ENABLED = False
             cfg.freeze()
-        super().__init__(cfg)
+        with _ddp_for_cpu_models():
+            super().__init__(cfg)
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer just before calling us;
         # swap it before the checkpoint hook captures it.
         old = self.checkpointer
         self.checkpointer = RandWireCheckpointer(old.model, old.save_dir, **old.checkpointables)
-        return super().build_hooks()
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            hook = ExactResumeHook(loader=loader)
+        else:
+            hook = ExactResumeHook(seed=self.cfg.SEED if self.cfg.SEED >= 0 else None)
+        return [hook] + super().build_hooks()
+
+    # detectron2 v0.6's DefaultTrainer does not checkpoint its SimpleTrainer: the optimizer
+    # (momentum buffers, and the param groups' current LR) was lost on resume. HEAD saves
+    # it under "_trainer"; do the same on v0.6, in the same place.
+    _D2_SAVES_TRAINER = "load_state_dict" in DefaultTrainer.__dict__
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret.setdefault("_trainer", self._trainer.state_dict())
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self._D2_SAVES_TRAINER:
+            return
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state (saved by detectron2 v0.6?): momentum restarts.")
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            loader.start_iter = self.start_iter
+            if self.start_iter:
+                logger.info(f"Training data resumes at global batch {self.start_iter} (seed {loader.seed}).")
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -63,11 +440,43 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        resumable = cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
         if is_classification(cfg):
-            from .data.classification import build_classification_train_loader
+            from .data.classification import ClassificationDatasetMapper, batch_collator
 
-            return build_classification_train_loader(cfg)
-        return super().build_train_loader(cfg)
+            if not resumable:
+                from .data.classification import build_classification_train_loader
+
+                logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: resuming is not exact.")
+                return build_classification_train_loader(cfg)
+            kwargs = {"pin_memory": torch.cuda.is_available()}
+            if cfg.DATALOADER.NUM_WORKERS > 0:
+                kwargs["persistent_workers"] = True
+                kwargs["prefetch_factor"] = max(2, int(cfg.DATALOADER.get("CLS_PREFETCH_FACTOR", 2)))
+            return ResumableTrainLoader(
+                _classification_train_dicts(cfg),
+                ClassificationDatasetMapper(cfg, True),
+                total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+                seed=_training_seed(cfg),
+                num_workers=cfg.DATALOADER.NUM_WORKERS,
+                collate_fn=batch_collator,
+                loader_kwargs=kwargs,
+            )
+        dicts = load_detection_train_dicts(cfg)
+        mapper = SafeDatasetMapper(cfg, True)
+        if not resumable:
+            from detectron2.data import build_detection_train_loader
+
+            logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: resuming is not exact.")
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+        return ResumableTrainLoader(
+            dicts,
+            mapper,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            seed=_training_seed(cfg),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -75,7 +484,9 @@ class Trainer(DefaultTrainer):
             from .data.classification import build_classification_test_loader
 
             return build_classification_test_loader(cfg, dataset_name)
-        return super().build_test_loader(cfg, dataset_name)
+        from detectron2.data import build_detection_test_loader
+
+        return build_detection_test_loader(cfg, dataset_name, mapper=SafeDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -136,11 +547,20 @@ def setup_cfg(config_file: str, opts=()):
     """cfg = detectron2 defaults + MODEL.RANDWIRE + file + command-line opts."""
     cfg = get_cfg()
     add_randwire_config(cfg)
+    add_classification_config(cfg)
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--config-file {config_file!r} does not exist.")
         cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ValueError(f"Command-line config options must be KEY VALUE pairs; got an odd number: {opts}")
+    try:
+        cfg.merge_from_list(opts)
+    except AssertionError as exc:  # yacs reports a command-line typo as an assertion
+        if str(exc).startswith("Non-existent key: "):
+            raise KeyError(f"Non-existent config key: {str(exc)[len('Non-existent key: '):]} (command line)") from None
+        raise
     return cfg
 
 
@@ -158,6 +578,26 @@ def check_run_settings(cfg, resume: bool = False) -> None:
             "to train from scratch."
         )
     rw = cfg.MODEL.RANDWIRE
+    world = comm.get_world_size()
+    if world > 1 and not device.startswith("cuda"):
+        norms = {
+            "MODEL.RANDWIRE.NORM": rw.NORM,
+            "MODEL.FPN.NORM": cfg.MODEL.FPN.NORM,
+            "MODEL.RESNETS.NORM": cfg.MODEL.RESNETS.NORM,
+            "MODEL.ROI_BOX_HEAD.NORM": cfg.MODEL.ROI_BOX_HEAD.NORM,
+        }
+        for key, norm in norms.items():
+            if norm == "SyncBN":
+                raise ValueError(
+                    f"cfg.{key} = 'SyncBN' needs CUDA (torch's SyncBatchNorm runs on GPUs only) but this "
+                    f"{world}-process run is on {device!r}: use 'naiveSyncBN' (detectron2's all-reduce "
+                    "BN, works with gloo on CPU), 'GN' or 'BN'."
+                )
+    if cfg.SOLVER.IMS_PER_BATCH <= 0 or cfg.SOLVER.IMS_PER_BATCH % world:
+        raise ValueError(
+            f"cfg.SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} must be a positive multiple of the "
+            f"number of processes ({world}): it is the total batch over all of them."
+        )
     if not weights and rw.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.NAME.startswith("build_randwire"):
         raise ValueError(
             "cfg.MODEL.RANDWIRE.NORM = 'FrozenBN' with no MODEL.WEIGHTS freezes randomly initialised "

@@ -5,6 +5,11 @@ Same CLI as detectron2's tools/train_net.py:
     python tools/train_net.py --config-file configs/randwire_frcnn.yaml --num-gpus 8
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
     python tools/train_net.py --config-file CFG --resume          # continue after preemption
+
+Multi-process: ``--num-gpus N`` is the number of processes per machine: one per GPU
+(NCCL), or, with MODEL.DEVICE cpu, N CPU processes (gloo). Multi-machine: the same
+command on every machine with ``--num-machines M --machine-rank R --dist-url tcp://HOST:PORT``
+(HOST = machine 0).
 """
 import os
 import sys
@@ -12,9 +17,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import randwire_d2  # noqa: E402,F401  (registers backbones, meta-arch, datasets)
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.engine import default_argument_parser  # noqa: E402
 from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
-from randwire_d2.engine import Trainer, setup  # noqa: E402
+from randwire_d2.engine import Trainer, setup, setup_cfg  # noqa: E402
+from randwire_d2.launch import launch  # noqa: E402
 
 
 def main(args):
@@ -28,14 +34,24 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
+def launch_from_args(args):
+    """Run ``main`` in ``args.num_gpus`` processes per machine (GPUs, or CPU processes with
+    MODEL.DEVICE cpu) on ``args.num_machines`` machines."""
+    # read the config once here: a typo fails before any process starts, and the
+    # device picks the backend (NCCL on GPUs, gloo on CPU)
+    device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE
+    return launch(
         main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=device,
     )
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch_from_args(args)

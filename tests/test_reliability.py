@@ -1,0 +1,648 @@
+"""Reliability: distributed (gloo on CPU) equivalence, exact resume after SIGKILL,
+checkpoint integrity, hostile input.
+
+Select with ``-k "resume or distributed or mismatch or corrupt or fuzz"``. Everything runs
+on CPU with tiny models (C=16, N=10, 64 px images) and a few iterations.
+"""
+import json
+import math
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+
+from conftest import REPO, tiny_detection_cfg
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import train_net  # noqa: E402
+from randwire_d2 import engine  # noqa: E402
+from randwire_d2.checkpoint import GRAPHS_KEY, RandWireCheckpointer, graph_specs_of, read_graph_specs  # noqa: E402
+from randwire_d2.data.classification import register_image_folder  # noqa: E402
+from randwire_d2.data.demo import ensure_demo_dataset, register_demo_datasets  # noqa: E402
+from randwire_d2.data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts  # noqa: E402
+from randwire_d2.engine import (  # noqa: E402
+    GlobalBatchStream,
+    Trainer,
+    _RankBatches,
+    check_run_settings,
+    load_detection_train_dicts,
+    setup_cfg,
+)
+
+DET_TRAIN, DET_VAL = "rel_det_train", "rel_det_val"
+CLS_TRAIN, CLS_VAL = "rel_cls_train", "rel_cls_val"
+TIME_KEYS = {"time", "data_time", "eta_seconds"}
+
+RUNNER = '''
+import os, sys
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, os.path.join({repo!r}, "tools"))
+import randwire_d2  # noqa
+from randwire_d2.data.classification import register_image_folder
+from randwire_d2.data.demo import register_demo_datasets
+register_demo_datasets(root={demo!r}, names=({det_train!r}, {det_val!r}), num_train=8, num_val=2)
+register_image_folder({cls_train!r}, {cls_train_root!r})
+register_image_folder({cls_val!r}, {cls_val_root!r})
+import train_net
+from detectron2.engine import default_argument_parser
+if __name__ == "__main__":
+    train_net.launch_from_args(default_argument_parser().parse_args())
+'''
+
+
+# --------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability_data")
+    demo = str(root / "demo")
+    ensure_demo_dataset(demo, num_train=8, num_val=2)
+    register_demo_datasets(root=demo, names=(DET_TRAIN, DET_VAL), num_train=8, num_val=2)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for label, cls in enumerate(("dark", "bright")):
+            d = root / "cls" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                base = 40 + 150 * label
+                px = np.clip(base + rng.normal(0, 30, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(d / f"{i}.png")
+    register_image_folder(CLS_TRAIN, str(root / "cls" / "train"))
+    register_image_folder(CLS_VAL, str(root / "cls" / "val"))
+    runner = root / "runner.py"
+    runner.write_text(RUNNER.format(
+        repo=REPO, demo=demo, det_train=DET_TRAIN, det_val=DET_VAL, cls_train=CLS_TRAIN, cls_val=CLS_VAL,
+        cls_train_root=str(root / "cls" / "train"), cls_val_root=str(root / "cls" / "val"),
+    ))
+    return {"root": root, "runner": str(runner)}
+
+
+def det_opts(out, max_iter=6, period=100, **extra):
+    """Tiny Faster R-CNN whose losses do not depend on how a global batch is split over
+    processes: fixed-size inputs (64 px, padded to 64x64), every labelled anchor and every
+    proposal sampled (no random subsets), fixed loss normalisers, batch-synchronised BN."""
+    opts = {
+        "MODEL.WEIGHTS": "", "MODEL.DEVICE": "cpu",
+        "MODEL.RANDWIRE.CHANNELS": 16, "MODEL.RANDWIRE.NODES": 10, "MODEL.RANDWIRE.NORM": "naiveSyncBN",
+        "MODEL.BACKBONE.FREEZE_AT": 0, "MODEL.FPN.OUT_CHANNELS": 32, "MODEL.ROI_BOX_HEAD.FC_DIM": 64,
+        "MODEL.ROI_HEADS.NUM_CLASSES": 5, "MODEL.RPN.POST_NMS_TOPK_TRAIN": 32,
+        "MODEL.RPN.BATCH_SIZE_PER_IMAGE": 100000, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32,
+        "MODEL.ROI_HEADS.POSITIVE_FRACTION": 1.0, "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT": False,
+        "INPUT.MIN_SIZE_TRAIN": (64,), "INPUT.MAX_SIZE_TRAIN": 64, "INPUT.MIN_SIZE_TEST": 64,
+        "INPUT.MAX_SIZE_TEST": 64, "DATASETS.TRAIN": (DET_TRAIN,), "DATASETS.TEST": (DET_VAL,),
+        "SOLVER.IMS_PER_BATCH": 4, "SOLVER.BASE_LR": 0.01, "SOLVER.WARMUP_ITERS": 2,
+        "SOLVER.STEPS": (max(1, max_iter - 2),), "SOLVER.MAX_ITER": max_iter, "SOLVER.CHECKPOINT_PERIOD": period,
+        "SOLVER.AMP.ENABLED": False, "DATALOADER.NUM_WORKERS": 0, "SEED": 0, "CUDNN_BENCHMARK": False,
+        "OUTPUT_DIR": str(out),
+    }
+    opts.update(extra)
+    return "configs/randwire_frcnn.yaml", opts
+
+
+def cls_opts(out, max_iter=6, period=100, **extra):
+    opts = {
+        "MODEL.DEVICE": "cpu", "MODEL.RANDWIRE.CHANNELS": 8, "MODEL.RANDWIRE.NODES": 6,
+        "MODEL.RANDWIRE.NUM_CLASSES": 2, "MODEL.RANDWIRE.HEAD_CHANNELS": 32, "MODEL.RANDWIRE.NORM": "naiveSyncBN",
+        "INPUT.CROP_SIZE": 16, "INPUT.RESIZE_SIZE": 16, "INPUT.CLS_PAD": 2,
+        "DATASETS.TRAIN": (CLS_TRAIN,), "DATASETS.TEST": (CLS_VAL,),
+        "SOLVER.EPOCHS": 0.0, "SOLVER.WARMUP_EPOCHS": 0.0, "SOLVER.LR_PER_256": 0.0, "SOLVER.BASE_LR": 0.05,
+        "SOLVER.IMS_PER_BATCH": 4, "SOLVER.MAX_ITER": max_iter, "SOLVER.WARMUP_ITERS": 2,
+        "SOLVER.CHECKPOINT_PERIOD": period, "TEST.IMS_PER_BATCH": 4,
+        "DATALOADER.NUM_WORKERS": 0, "SEED": 0, "OUTPUT_DIR": str(out),
+    }
+    opts.update(extra)
+    return "configs/fashion_mnist/randwire_tiny.yaml", opts
+
+
+def _argv(config, opts, *flags):
+    argv = ["--config-file", os.path.join(REPO, config), *flags]
+    for k, v in opts.items():
+        argv += [k, v if isinstance(v, str) else repr(v)]
+    return argv
+
+
+def _popen(data, config, opts, *flags):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    log = open(os.path.join(opts["OUTPUT_DIR"] + ".log"), "w")
+    os.makedirs(opts["OUTPUT_DIR"], exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, data["runner"], *_argv(config, opts, *flags)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+def _wait(proc, opts, timeout=240):
+    rc = proc.wait(timeout=timeout)
+    if rc != 0:
+        with open(opts["OUTPUT_DIR"] + ".log") as f:
+            tail = f.read()[-4000:]
+        raise AssertionError(f"run failed (rc={rc}):\n{tail}")
+
+
+def _run_in_process(config, opts, *flags):
+    args = default_argument_parser().parse_args(_argv(config, opts, *flags))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_net.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _child(target, args):
+    torch.set_num_threads(1)  # as in DataLoader workers: forked children stay single-threaded
+    target(*args)
+
+
+def _fork(target, *args):
+    """A training process forked from this one: no second import of torch/detectron2."""
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(target, args))
+    proc.start()
+    return proc
+
+
+def _main_from_argv(argv):
+    train_net.main(default_argument_parser().parse_args(argv))
+
+
+def _weights(out, name="model_final.pth"):
+    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=False)["model"]
+
+
+def _train_metrics(out):
+    """metrics.json lines by iteration (last write wins), without timings."""
+    rows = {}
+    with open(os.path.join(out, "metrics.json")) as f:
+        for line in f:
+            row = json.loads(line)
+            rows[row["iteration"]] = {k: v for k, v in row.items() if k not in TIME_KEYS}
+    return rows
+
+
+def _same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+# --------------------------------------------------------------------------- data streams
+def _identity_mapper(d):
+    return (d["i"], float(np.random.rand()))
+
+
+def _stream_batches(world, workers, n_batches, monkeypatch, start_iter=0, grouped=False, total=4):
+    """Global batches as seen by `world` processes with `workers` loader workers each
+    (workers simulated in order, interleaved round-robin like torch's DataLoader)."""
+    dicts = [{"i": i, "width": 10 + (i % 3), "height": 11} for i in range(10)]
+    buckets = np.array([0 if d["width"] > d["height"] else 1 for d in dicts]) if grouped else None
+    stream = GlobalBatchStream(len(dicts), seed=7, total_batch_size=total, buckets=buckets)
+    per_rank = []
+    for rank in range(world):
+        ds = _RankBatches(dicts, _identity_mapper, stream, start_iter, rank, world, list)
+        its = []
+        for w in range(max(workers, 1)):
+            info = type("I", (), {"id": w, "num_workers": workers})() if workers else None
+            monkeypatch.setattr(engine.torchdata, "get_worker_info", lambda info=info: info)
+            its.append(list(_take(iter(ds), n_batches)))  # generators read worker info lazily
+        per_rank.append([its[j % len(its)][j // len(its)] for j in range(n_batches)])
+    return [sum((per_rank[r][j] for r in range(world)), []) for j in range(n_batches)]
+
+
+def _take(it, n):
+    for _ in range(n):
+        yield next(it)
+
+
+def _take_all(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_distributed_global_batches_do_not_depend_on_processes_or_workers(monkeypatch):
+    ref = _stream_batches(1, 0, 8, monkeypatch)
+    assert len({i for b in ref[:2] for i, _ in b}) == 8  # an epoch-like shuffle, not repeats
+    for world, workers in [(2, 0), (4, 0), (2, 3), (1, 2)]:
+        assert _stream_batches(world, workers, 8, monkeypatch) == ref, (world, workers)
+    grouped = _stream_batches(1, 0, 6, monkeypatch, grouped=True)
+    assert _stream_batches(2, 2, 6, monkeypatch, grouped=True) == grouped
+    for batch in grouped:  # one aspect bucket per global batch
+        assert len({i % 3 == 2 for i, _ in batch}) == 1
+
+
+def test_resume_stream_restarts_at_any_iteration(monkeypatch):
+    for grouped in (False, True):
+        full = _stream_batches(2, 0, 9, monkeypatch, grouped=grouped)
+        assert _stream_batches(2, 0, 4, monkeypatch, start_iter=5, grouped=grouped) == full[5:]
+        assert _stream_batches(2, 2, 3, monkeypatch, start_iter=3, grouped=grouped) == full[3:6]
+
+
+def test_distributed_detectron2_sampler_shards_one_global_stream(monkeypatch):
+    """detectron2's TrainingSampler (seeded) gives rank r every world-th index of one
+    stream; with per-rank batches of B/world and no loader workers, the union over ranks
+    of batch i is exactly batch i of a 1-process run."""
+    from detectron2.data import samplers
+    from detectron2.data.samplers import distributed_sampler
+
+    def stream(rank, world, per_rank, n):
+        monkeypatch.setattr(distributed_sampler.comm, "get_rank", lambda: rank)
+        monkeypatch.setattr(distributed_sampler.comm, "get_world_size", lambda: world)
+        it = iter(samplers.TrainingSampler(10, seed=3))
+        return [[next(it) for _ in range(per_rank)] for _ in range(n)]
+
+    one = stream(0, 1, 4, 6)
+    two = [stream(r, 2, 2, 6) for r in range(2)]
+    assert [sorted(a + b) for a, b in zip(*two)] == [sorted(b) for b in one]
+
+
+def test_distributed_stream_with_real_loader_workers(data):
+    """The same global batches through torch's DataLoader with 0 and 2 worker processes."""
+    cfg = setup_cfg(*_cfg_args(*cls_opts(data["root"] / "unused")))
+    cfg.freeze()
+    batches = []
+    for workers in (0, 2):
+        cfg2 = cfg.clone()
+        cfg2.defrost()
+        cfg2.DATALOADER.NUM_WORKERS = workers
+        loader = Trainer.build_train_loader(cfg2)
+        loader.start_iter = 2
+        got = _take_all(iter(loader), 3)
+        batches.append([[(d["file_name"], d["image"].sum().item()) for d in b] for b in got])
+    assert batches[0] == batches[1]
+
+
+def _cfg_args(config, opts):
+    return os.path.join(REPO, config), [x for kv in opts.items() for x in kv]
+
+
+# --------------------------------------------------------------------------- exact resume
+def _kill_after_first_checkpoint(proc, out, timeout=180):
+    first = os.path.join(out, "last_checkpoint")
+    deadline = time.time() + timeout
+    while not os.path.exists(first):
+        assert proc.exitcode is None, f"the run ended (exit code {proc.exitcode}) before writing a checkpoint"
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("no checkpoint appeared")
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(out, "model_final.pth")), "killed too late: make MAX_ITER larger"
+
+
+@pytest.mark.parametrize("task", ["detection", "pretraining"])
+def test_resume_after_sigkill_matches_uninterrupted_run(data, tmp_path, task):
+    """A training process SIGKILLed after its first checkpoint, resumed with --resume, ends
+    with bit-identical weights, logged training metrics and evaluation results."""
+    make = det_opts if task == "detection" else cls_opts
+    extra = {"MODEL.RANDWIRE.DROP_PATH": 0.1}  # model randomness must resume too
+    if task == "pretraining":
+        extra.update({"MODEL.RANDWIRE.DROPOUT": 0.2, "DATALOADER.NUM_WORKERS": 2})
+    config, ref = make(tmp_path / "uninterrupted", max_iter=12, period=3, **extra)
+    _, run = make(tmp_path / "killed", max_iter=12, period=3, **extra)
+    victim = _fork(_main_from_argv, _argv(config, run))
+    _kill_after_first_checkpoint(victim, run["OUTPUT_DIR"])
+    _run_in_process(config, ref)  # the uninterrupted reference
+    with open(os.path.join(run["OUTPUT_DIR"], "last_checkpoint")) as f:
+        resumed_from = f.read().strip()
+    start_iter = int(resumed_from[len("model_"):-len(".pth")]) + 1
+    trainer_start = []
+    original = Trainer.resume_or_load
+
+    def spy(self, resume=True):
+        original(self, resume=resume)
+        trainer_start.append((self.start_iter, self._trainer.data_loader.start_iter))
+
+    Trainer.resume_or_load = spy
+    try:
+        _run_in_process(config, run, "--resume")
+    finally:
+        Trainer.resume_or_load = original
+    assert trainer_start == [(start_iter, start_iter)]
+    assert not [f for f in os.listdir(run["OUTPUT_DIR"]) if ".tmp" in f]
+
+    a, b = _weights(ref["OUTPUT_DIR"]), _weights(run["OUTPUT_DIR"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{task}: {k} differs after resume"
+    # training metrics (window-smoothed losses, lr, ...) of the last iteration and the
+    # final evaluation are the same as well
+    ma, mb = _train_metrics(ref["OUTPUT_DIR"]), _train_metrics(run["OUTPUT_DIR"])
+    assert _same(ma[11], mb[11]), (ma[11], mb[11])
+    with open(os.path.join(ref["OUTPUT_DIR"], "final_metrics.json")) as f1, \
+            open(os.path.join(run["OUTPUT_DIR"], "final_metrics.json")) as f2:
+        assert _same(json.load(f1), json.load(f2))
+
+
+# --------------------------------------------------------------------------- distributed
+def _assert_close_params(ref_state, other_state, model, atol, rtol=1e-3):
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if "running_mean" in n}
+    worst = max(((ref_state[n] - other_state[n]).abs().max().item(), n) for n in names)
+    for n in sorted(names):
+        assert torch.allclose(ref_state[n], other_state[n], atol=atol, rtol=rtol), (n, worst)
+    return worst
+
+
+@pytest.mark.parametrize("task", ["detection", "classification"])
+def test_distributed_two_cpu_processes_match_one(data, tmp_path, task):
+    """2 gloo processes x 2 images == 1 process x 4 images (same global batches, naiveSyncBN,
+    loss normalisers independent of the split). Also: DDP + naiveSyncBN on CPU works.
+
+    Detection: two forked workers through randwire_d2.launch's CPU worker (process group,
+    detectron2's local group, DDP of a CPU model). Classification: the whole command line,
+    ``tools/train_net.py --num-gpus 2 MODEL.DEVICE cpu`` (spawned workers)."""
+    from randwire_d2 import launch as launch_mod
+
+    make = det_opts if task == "detection" else cls_opts
+    # a moderate LR: at 0.05 the tiny classifier amplifies float rounding differences
+    # (1e-8 after one step) to 1e-2 in four steps; at 0.01 they stay below 1e-6
+    config, two = make(tmp_path / "two", max_iter=4, **{"SOLVER.BASE_LR": 0.01})
+    _, one = make(tmp_path / "one", max_iter=4, **{"SOLVER.BASE_LR": 0.01})
+    if task == "detection":
+        argv = _argv(config, two, "--num-gpus", "2")
+        url = f"file://{tmp_path / 'pg'}"
+        args = default_argument_parser().parse_args(argv)
+        workers = [
+            _fork(launch_mod._cpu_worker, r, train_net.main, 2, 2, 0, url, (args,), timedelta(minutes=3))
+            for r in range(2)
+        ]
+        _run_in_process(config, one)
+        for w in workers:
+            w.join(timeout=240)
+            assert w.exitcode == 0, f"worker exit code {w.exitcode}"
+    else:
+        proc = _popen(data, config, two, "--num-gpus", "2")
+        _run_in_process(config, one)
+        _wait(proc, two)
+    with open(os.path.join(two["OUTPUT_DIR"], "log.txt")) as f:
+        assert "World size: 2" in f.read()
+    cfg = setup_cfg(*_cfg_args(config, one))
+    model = build_model(cfg)
+    ref = _weights(one["OUTPUT_DIR"])
+    worst = _assert_close_params(ref, _weights(two["OUTPUT_DIR"]), model, atol=1e-5)
+    print(f"{task}: largest |1-proc - 2-proc| difference {worst[0]:.2e} ({worst[1]})")
+    # training moved the weights (the comparison is not vacuous)
+    start = model.state_dict()
+    assert any(not torch.allclose(start[n], ref[n]) for n, _ in model.named_parameters())
+
+
+def test_distributed_syncbn_on_cpu_is_refused_with_advice(monkeypatch):
+    """torch's SyncBatchNorm is CUDA-only (it raises on CPU inputs in a process group):
+    a multi-process CPU run with SyncBN is refused up front, naming the key and naiveSyncBN."""
+    cfg = tiny_detection_cfg("configs/randwire_frcnn.yaml", "MODEL.RANDWIRE.NORM", "SyncBN")
+    monkeypatch.setattr(engine.comm, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="MODEL.RANDWIRE.NORM.*naiveSyncBN"):
+        check_run_settings(cfg)
+    cfg.MODEL.RANDWIRE.NORM = "naiveSyncBN"
+    check_run_settings(cfg)
+    cfg.SOLVER.IMS_PER_BATCH = 3
+    with pytest.raises(ValueError, match="IMS_PER_BATCH = 3 must be a positive multiple of the number of processes"):
+        check_run_settings(cfg)
+
+
+def test_distributed_torch_syncbn_needs_gpu(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        bn = torch.nn.SyncBatchNorm(4).train()
+        with pytest.raises(ValueError, match="GPU"):
+            bn(torch.randn(2, 4, 3, 3))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_launch_single_process_and_bad_args():
+    from randwire_d2.launch import launch
+
+    assert launch(lambda x: x + 1, 1, args=(41,), device="cpu") == 42
+    with pytest.raises(ValueError, match="dist-url"):
+        launch(print, 2, num_machines=2, machine_rank=0, dist_url="auto", device="cpu")
+    with pytest.raises(ValueError, match="machine_rank"):
+        launch(print, 2, num_machines=2, machine_rank=2, dist_url="tcp://127.0.0.1:1", device="cpu")
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _classifier(seed=0, generator="WS", graphs_file=""):
+    cfg = setup_cfg(os.path.join(REPO, "configs/fashion_mnist/randwire_tiny.yaml"), [
+        "MODEL.RANDWIRE.CHANNELS", 8, "MODEL.RANDWIRE.NODES", 6, "MODEL.RANDWIRE.HEAD_CHANNELS", 16,
+        "MODEL.RANDWIRE.SEED", seed, "MODEL.RANDWIRE.GENERATOR", generator, "MODEL.RANDWIRE.ER_P", 0.4,
+        "MODEL.RANDWIRE.GRAPHS_FILE", graphs_file,
+    ])
+    return build_model(cfg)
+
+
+def test_mismatch_graphs_refused_naming_stage_and_rebuild(tmp_path):
+    src = _classifier(seed=0)
+    RandWireCheckpointer(src, save_dir=str(tmp_path)).save("model_a")
+    path = str(tmp_path / "model_a.pth")
+    for other in (_classifier(seed=1), _classifier(generator="ER")):
+        with pytest.raises(ValueError) as err:
+            RandWireCheckpointer(other).load(path)
+        msg = str(err.value)
+        assert "stage res3" in msg and f"MODEL.RANDWIRE.GRAPHS_FILE {path}" in msg, msg
+    # a changed networkx stream: same seed and generator, one edge of res3 different
+    specs = {k: v.to_dict() for k, v in graph_specs_of(src).items()}
+    edges = specs["res3"]["edges"]
+    specs["res3"]["edges"] = edges[:-1]
+    specs["res3"].pop("content_hash")
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(specs))
+    with pytest.raises(ValueError, match=r"stage res3(?s:.*)GRAPHS_FILE"):
+        RandWireCheckpointer(_classifier(graphs_file=str(changed))).load(path)
+    # following the advice rebuilds the checkpoint's own network, which then loads
+    rebuilt = _classifier(seed=5, graphs_file=path)
+    RandWireCheckpointer(rebuilt).load(path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, rebuilt.state_dict()[k]), k
+
+
+def test_corrupt_save_crash_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = _classifier()
+    ckpt = RandWireCheckpointer(model, save_dir=str(tmp_path))
+    ckpt.save("model_0000001")
+    before = (tmp_path / "model_0000001.pth").read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save("model_0000003")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]  # no tmp, no partial
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert (tmp_path / "model_0000001.pth").read_bytes() == before
+    assert ckpt.resume_or_load("", resume=True) is not None  # loads the previous one
+    # a temp file left by a SIGKILLed writer is cleaned up by the next save of that file
+    (tmp_path / "model_0000003.pth.tmp.99999").write_bytes(b"partial")
+    ckpt.save("model_0000003")
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth", "model_0000003.pth"]
+
+
+def test_corrupt_checkpoint_file_error_names_file(tmp_path):
+    model = _classifier()
+    ckpt = RandWireCheckpointer(model, save_dir=str(tmp_path))
+    ckpt.save("model_0000001")
+    path = tmp_path / "model_0000001.pth"
+    data = path.read_bytes()
+    for broken in (data[: len(data) // 2], b"not a checkpoint at all", b""):
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match=f"Cannot load checkpoint '{path}'"):
+            RandWireCheckpointer(_classifier(), save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    with pytest.raises(ValueError, match=str(path)):
+        read_graph_specs(str(path))
+
+
+def test_resume_checkpoint_carries_graphs_data_seed_and_history(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", max_iter=2, period=2, SEED=-1)
+    _run_in_process(config, opts)
+    ckpt = torch.load(tmp_path / "out" / "model_final.pth", map_location="cpu", weights_only=True)
+    assert set(ckpt[GRAPHS_KEY]) == {"res3", "res4", "res5"}  # small regime: res2 is a conv
+    hook = ckpt["trainer"]["hooks"]["ExactResumeHook"]
+    assert isinstance(hook["data_seed"], int) and hook["data_seed"] >= 0  # SEED -1: a drawn seed, kept
+    assert [it for _, it in hook["history"]["total_loss"]] == [0, 1]
+
+
+# --------------------------------------------------------------------------- hostile input
+def _coco(tmp_path, name, images, annotations, categories=({"id": 1, "name": "a"}, {"id": 2, "name": "b"})):
+    img_dir = tmp_path / name
+    img_dir.mkdir()
+    recs = []
+    for i, (fname, size) in enumerate(images, start=1):
+        if size is not None:
+            Image.fromarray(np.full((size[1], size[0], 3), 120, np.uint8)).save(img_dir / fname)
+        recs.append({"id": i, "file_name": fname, "width": size[0] if size else 64, "height": size[1] if size else 48})
+    anns = [dict(a, id=j, area=10.0, iscrowd=0) for j, a in enumerate(annotations, start=1)]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"images": recs, "annotations": anns, "categories": list(categories)}))
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(path), str(img_dir))
+    return name
+
+
+def _det_cfg(name, *opts):
+    return tiny_detection_cfg("configs/randwire_frcnn.yaml", "DATASETS.TRAIN", (name,), "MODEL.ROI_HEADS.NUM_CLASSES", 2,
+                              "INPUT.MIN_SIZE_TRAIN", (48,), "INPUT.MAX_SIZE_TRAIN", 64, *opts)
+
+
+def test_corrupt_annotations_bad_boxes_are_counted_and_logged(tmp_path, caplog):
+    name = _coco(tmp_path, "rel_bad_boxes", [("a.png", (64, 48)), ("b.png", (64, 48)), ("c.png", (64, 48))], [
+        {"image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20]},
+        {"image_id": 1, "category_id": 2, "bbox": [5, 5, 0, 20]},  # degenerate
+        {"image_id": 1, "category_id": 2, "bbox": [30, 5, -10, 20]},  # negative width
+        {"image_id": 2, "category_id": 1, "bbox": [5, 5, 20, 0]},  # degenerate: image left empty
+        {"image_id": 3, "category_id": 2, "bbox": [1, 2, 30, 30]},
+    ])
+    cfg = _det_cfg(name)
+    with caplog.at_level("WARNING", logger="randwire_d2.data.validation"):
+        dicts = load_detection_train_dicts(cfg)
+    assert [os.path.basename(d["file_name"]) for d in dicts] == ["a.png", "c.png"]
+    assert [len(d["annotations"]) for d in dicts] == [1, 1]
+    text = caplog.text
+    assert "Dropped 3 unusable boxes" in text and "negative width/height" in text and "a.png" in text
+    assert "Removed 1 images" in text
+    # direct use: counts returned, NaN boxes dropped too, input untouched
+    recs = [{"file_name": "x.png", "annotations": [{"bbox": [0, 0, float("nan"), 4], "bbox_mode": 1, "category_id": 0}]}]
+    kept, counts = sanitize_detection_dicts(recs, 2, check_files=False)
+    assert kept == [] and counts["dropped_boxes"] == 1 and counts["removed_images"] == 1
+    assert len(recs[0]["annotations"]) == 1
+
+
+def test_corrupt_annotations_unknown_category_is_an_error_naming_file(tmp_path):
+    name = _coco(tmp_path, "rel_bad_cat", [("a.png", (64, 48))], [{"image_id": 1, "category_id": 99, "bbox": [5, 5, 20, 20]}])
+    with pytest.raises(DataError, match=r"rel_bad_cat\.json(?s:.*)category_id=99"):
+        load_detection_train_dicts(_det_cfg(name))
+    # contiguous ids registered by hand: out of range for the model
+    good = str(tmp_path / "rel_bad_cat" / "a.png")
+    if "rel_bad_cat2" in DatasetCatalog.list():
+        DatasetCatalog.remove("rel_bad_cat2")
+    DatasetCatalog.register("rel_bad_cat2", lambda: [{"file_name": good, "image_id": 7, "height": 48, "width": 64,
+                                                      "annotations": [{"bbox": [1, 1, 9, 9], "bbox_mode": 0, "category_id": 2}]}])
+    with pytest.raises(DataError, match=r"a\.png' \(image_id=7\).*category id 2 outside \[0, 2\)"):
+        load_detection_train_dicts(_det_cfg("rel_bad_cat2"))
+
+
+def test_corrupt_missing_or_unreadable_images_error_names_file(tmp_path):
+    name = _coco(tmp_path, "rel_missing", [("a.png", (64, 48)), ("gone.png", None)], [
+        {"image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20]}, {"image_id": 2, "category_id": 1, "bbox": [5, 5, 20, 20]}])
+    with pytest.raises(DataError, match=r"1 image file\(s\) of dataset rel_missing do not exist, e\.g\. '.*gone\.png'"):
+        load_detection_train_dicts(_det_cfg(name))
+
+    cfg = _det_cfg(name)
+    mapper = SafeDatasetMapper(cfg, True)
+    good = tmp_path / "rel_missing" / "a.png"
+    jpg = tmp_path / "ok.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(jpg, quality=95)
+    (tmp_path / "truncated.jpg").write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    (tmp_path / "garbage.jpg").write_bytes(b"this is not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "dir.jpg").mkdir()
+    for bad in ("truncated.jpg", "garbage.jpg", "empty.jpg", "dir.jpg", "absent.jpg"):
+        rec = {"file_name": str(tmp_path / bad), "image_id": 3, "height": 48, "width": 64, "annotations": []}
+        with pytest.raises(DataError, match=f"Cannot load image '{tmp_path / bad}' \\(image_id=3\\)"):
+            mapper(rec)
+    ok = mapper({"file_name": str(good), "image_id": 1, "height": 48, "width": 64, "annotations": []})
+    assert ok["image"].shape[0] == 3
+    # through the training loader and a worker process: the message survives
+    os.remove(good)
+    Image.open(jpg).save(good, format="PNG")
+    good.write_bytes(good.read_bytes()[:60])
+    cfg = _det_cfg(name, "DATALOADER.NUM_WORKERS", 1)
+    dicts = [dict(d, file_name=str(good)) for d in DatasetCatalog.get(name)[:1]]
+    loader = engine.ResumableTrainLoader(dicts, mapper, total_batch_size=1, seed=0, num_workers=1)
+    with pytest.raises(DataError, match=f"Cannot load image '{good}'"):
+        next(iter(loader))
+
+
+def test_corrupt_nonfinite_loss_stops_training_naming_iteration(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", max_iter=6, period=100)
+    args = default_argument_parser().parse_args(_argv(config, opts))
+    cfg = engine.setup(args)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = trainer._trainer.model
+    forward = model.forward
+
+    def nan_from_iteration_2(*a, **k):
+        losses = forward(*a, **k)
+        if trainer.iter >= 2:
+            losses = {n: v * float("nan") for n, v in losses.items()}
+        return losses
+
+    model.forward = nan_from_iteration_2
+    with pytest.raises(FloatingPointError, match="Loss became infinite or NaN at iteration=2"):
+        trainer.train()
+    assert not os.path.exists(tmp_path / "out" / "model_final.pth")
+
+
+def test_corrupt_config_typos_and_bad_values():
+    with pytest.raises(KeyError, match="Non-existent config key: MODEL.RANDWIRE.NODESS"):
+        setup_cfg(os.path.join(REPO, "configs/randwire_frcnn.yaml"), ["MODEL.RANDWIRE.NODESS", 8])
+    cfg = tiny_detection_cfg("configs/randwire_frcnn.yaml", "MODEL.RANDWIRE.WS_K", 3)
+    with pytest.raises(ValueError, match="MODEL.RANDWIRE.WS_K"):
+        build_model(cfg)
+    cfg = tiny_detection_cfg("configs/randwire_frcnn.yaml", "MODEL.RANDWIRE.DROP_PATH", 1.5)
+    with pytest.raises(ValueError, match="DROP_PATH"):
+        build_model(cfg)
+    # on the command line too: the launching process reads the config before starting workers
+    args = default_argument_parser().parse_args(
+        ["--config-file", os.path.join(REPO, "configs/randwire_frcnn.yaml"), "--num-gpus", "2", "SOLVER.MAX_ITERR", "5"])
+    with pytest.raises(KeyError, match="Non-existent config key: SOLVER.MAX_ITERR"):
+        train_net.launch_from_args(args)
