@@ -36,7 +36,7 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     rw.NORM = "BN"
     rw.DROP_PATH = 0.0
-    rw.EXECUTOR = "batched"  # "reference", "fused" or "batched": randwire_d2/modeling/fast_stage.py
+    rw.EXECUTOR = "fused"  # "reference", "fused" or "batched": randwire_d2/modeling/fast_stage.py
     # Classification (pretraining) head
     rw.NUM_CLASSES = 1000
     rw.HEAD_CHANNELS = 1280
@@ -66,15 +66,21 @@ def load_graph_specs(path: str) -> Dict[str, GraphSpec]:
     """Specs from a JSON file ({stage: spec}) or from a checkpoint that carries them."""
     if not os.path.isfile(path):
         raise ValueError(f"cfg.MODEL.RANDWIRE.GRAPHS_FILE: no such file {path!r}.")
-    if path.endswith(".json"):
-        with open(path) as f:
-            data = json.load(f)
-        data = data.get("randwire_graphs", data)
-    else:
+    if not path.endswith(".json"):
         from .checkpoint import read_graph_specs
 
         return read_graph_specs(path)
-    return specs_from_dict(data)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if isinstance(data, dict):
+            data = data.get("randwire_graphs", data)
+        return specs_from_dict(data)
+    except ValueError as exc:  # JSONDecodeError is a ValueError too
+        raise ValueError(
+            f"cfg.MODEL.RANDWIRE.GRAPHS_FILE {path!r} is not a JSON object of graph specs "
+            f"({{stage: {{num_nodes, edges, ...}}}}): {exc}"
+        ) from None
 
 
 def randwire_kwargs(cfg: CN) -> dict:
@@ -92,6 +98,8 @@ def randwire_kwargs(cfg: CN) -> dict:
     _check(isinstance(rw.DROPOUT, (int, float)) and 0.0 <= rw.DROPOUT < 1.0, "DROPOUT", rw.DROPOUT,
            "a rate in [0, 1)")
     _check(rw.EXECUTOR in EXECUTORS, "EXECUTOR", rw.EXECUTOR, f"allowed are {list(EXECUTORS)}")
+    _check(isinstance(rw.OUT_FEATURES, (list, tuple)), "OUT_FEATURES", rw.OUT_FEATURES,
+           f"a list from {list(FEATURES[:-1])}")
     feats = list(rw.OUT_FEATURES)
     _check(bool(feats) and all(f in FEATURES[:-1] for f in feats), "OUT_FEATURES", feats,
            f"a non-empty list from {list(FEATURES[:-1])}")

@@ -239,7 +239,7 @@ class GraphSpec:
                 params=tuple(dict(data.get("params", {})).items()),
                 seed=int(data.get("seed", -1)),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"Not a graph spec (needs 'num_nodes' and 'edges'): {exc}") from exc
         stored = data.get("content_hash")
         if stored is not None and stored != spec.content_hash:
@@ -259,7 +259,9 @@ def specs_to_dict(specs: Mapping[str, GraphSpec]) -> Dict[str, dict]:
 
 
 def specs_from_dict(data: Mapping[str, Mapping]) -> Dict[str, GraphSpec]:
-    return {name: GraphSpec.from_dict(d) for name, d in data.items()}
+    if not isinstance(data, Mapping) or not all(isinstance(d, Mapping) for d in data.values()):
+        raise ValueError("Graph specs must be a mapping {stage name: spec dict}.")
+    return {str(name): GraphSpec.from_dict(d) for name, d in data.items()}
 
 
 def describe_differences(expected: Mapping[str, GraphSpec], found: Mapping[str, GraphSpec]) -> List[str]:

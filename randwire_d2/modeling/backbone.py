@@ -5,10 +5,17 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 
 from ..config import randwire_kwargs
 from ..registry import register_once
-from .network import RandWireNet
+from .network import STAGES, RandWireNet
 
 
 def _check_fpn_inputs(cfg, bottom_up: RandWireNet):
+    # FPN needs strides doubling level to level, and its top block reads the res5 level
+    feats, stages = list(cfg.MODEL.FPN.IN_FEATURES), list(STAGES)
+    if not feats or feats[0] not in stages or feats != stages[stages.index(feats[0]):]:
+        raise ValueError(
+            f"cfg.MODEL.FPN.IN_FEATURES = {feats} is invalid: consecutive stages ending at res5, "
+            "e.g. ['res2', 'res3', 'res4', 'res5'] or ['res3', 'res4', 'res5']."
+        )
     missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in bottom_up.output_shape()]
     if missing:
         raise ValueError(
