@@ -13,6 +13,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import Backbone
 
 from ..graphs import GraphSpec, generate_graph, stage_seed
+from .fast_stage import DEFAULT_EXECUTOR
 from .stage import RandWireStage
 
 REGIMES = ("small", "regular")
@@ -119,6 +120,7 @@ class RandWireNet(Backbone):
             last requested one are not built (unused parameters break DDP).
         num_classes: builds the classification head; needed for "linear".
         freeze_at: 0 none, 1 the stem, k>=2 the stem and res2..res{k}.
+        executor: how stages run their DAG: "reference", "fused" or "batched" (same parameters).
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class RandWireNet(Backbone):
         head_channels: int = 1280,
         dropout: float = 0.0,
         freeze_at: int = 0,
+        executor: str = DEFAULT_EXECUTOR,
     ):
         super().__init__()
         if out_features is None:
@@ -173,7 +176,9 @@ class RandWireNet(Backbone):
             else:
                 if name not in graphs:
                     raise ValueError(f"No graph spec given for randomly wired stage {name}.")
-                stage = RandWireStage(graphs[name], prev, out, norm=norm, drop_path=drop_path)
+                stage = RandWireStage(
+                    graphs[name], prev, out, norm=norm, drop_path=drop_path, executor=executor
+                )
             self.add_module(name, stage)
             self.stage_names.append(name)
             self._record(name, out)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..graphs import GraphSpec
+from .fast_stage import DEFAULT_EXECUTOR, EXECUTORS, FORWARDS
 from .node import NodeOp
 
 
@@ -13,6 +14,8 @@ class RandWireStage(nn.Module):
 
     The unique input node feeds every in-degree-0 node (stride 2, channel change);
     the unique output node is the unweighted mean of the out-degree-0 nodes.
+    ``executor``: "reference" runs node by node (this module's loop); "fused" and "batched"
+    are the faster alternatives of :mod:`.fast_stage`. Same parameters and results.
     """
 
     def __init__(
@@ -23,8 +26,12 @@ class RandWireStage(nn.Module):
         *,
         norm="BN",
         drop_path: float = 0.0,
+        executor: str = DEFAULT_EXECUTOR,
     ):
         super().__init__()
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}.")
+        self.executor = executor
         if not isinstance(graph, GraphSpec):
             raise TypeError(f"graph must be a GraphSpec, got {type(graph).__name__}.")
         self.graph = graph
@@ -51,6 +58,8 @@ class RandWireStage(nn.Module):
             self._free_after.setdefault(v, []).append(u)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.executor != "reference":
+            return FORWARDS[self.executor](self, x)
         live: Dict[int, torch.Tensor] = {}
         total = None
         for v in self.graph.topological_order:
@@ -68,5 +77,5 @@ class RandWireStage(nn.Module):
         g = self.graph
         return (
             f"{g.generator}{g.param_dict} seed={g.seed}: {g.num_nodes} nodes, {len(g.edges)} edges, "
-            f"{len(g.input_nodes)} inputs, {len(g.output_nodes)} outputs"
+            f"{len(g.input_nodes)} inputs, {len(g.output_nodes)} outputs, executor={self.executor}"
         )

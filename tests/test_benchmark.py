@@ -1,0 +1,84 @@
+"""tools/benchmark.py runs on CPU at its tiny size and writes the documented JSON fields."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CLS_FIELDS = {
+    "model", "preset", "regime", "channels", "nodes", "executor", "precision", "status", "params_m",
+    "fvcore_gflops_per_image", "train_ms", "train_img_s", "train_times_ms", "train_peak_mem_mb",
+    "infer_ms", "infer_img_s", "infer_times_ms", "infer_peak_mem_mb", "train_gflop", "train_gbytes",
+    "train_achieved_tflops", "train_achieved_gbs", "infer_gflop", "infer_gbytes",
+    "infer_achieved_tflops", "infer_achieved_gbs",
+}
+DET_FIELDS = {
+    "model", "executor", "precision", "status", "params_m", "train_ms_iter", "train_times_ms",
+    "train_peak_mem_mb", "infer_ms_image", "infer_times_ms", "infer_peak_mem_mb", "train_gflop",
+    "train_gbytes", "train_achieved_tflops", "train_achieved_gbs", "infer_gflop", "infer_gbytes",
+    "infer_achieved_tflops", "infer_achieved_gbs",
+}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--tiny", "--device", "cpu",
+         "--executors", "fused,batched", "--json", str(path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(path) as f:
+        return json.load(f), proc.stdout
+
+
+def test_top_level_fields(result):
+    data, stdout = result
+    assert data["schema"] == 1
+    for key in ("date", "command", "device", "versions", "settings", "memory_kind",
+                "classification", "detection", "ratios"):
+        assert key in data, key
+    assert "--tiny" in data["command"] and "tools/benchmark.py" in data["command"]
+    assert data["device"]["type"] == "cpu" and data["device"]["name"]
+    assert set(data["versions"]) >= {"torch", "torchvision", "detectron2", "python", "fvcore"}
+    s = data["settings"]
+    assert s["tiny"] and s["batch"] == 2 and s["image_size"] == 64
+    assert s["precisions"] == ["fp32", "bf16", "fp16"] and s["executors"] == ["fused", "batched"]
+    assert "train img/s" in stdout and "train ms/it" in stdout  # the printed tables
+
+
+def test_classification_rows(result):
+    rows = result[0]["classification"]
+    models = {r["model"] for r in rows}
+    assert "resnet50" in models and any(m.startswith("randwire-") for m in models)
+    for r in rows:
+        if r["precision"] == "fp16":
+            assert r["status"] == "unsupported"  # no fp16 autocast on CPU
+            continue
+        assert r["status"] == "ok", r
+        assert CLS_FIELDS <= set(r), CLS_FIELDS - set(r)
+        assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
+        assert len(r["train_times_ms"]) == result[0]["settings"]["repeats"]
+        assert r["train_gflop"] > r["infer_gflop"] > 0 and r["train_gbytes"] > 0
+    assert {r["executor"] for r in rows if r["model"] != "resnet50"} == {"fused", "batched"}
+
+
+def test_detection_rows_and_ratios(result):
+    data = result[0]
+    rows = data["detection"]
+    assert {r["model"] for r in rows} == {"randwire-fpn", "r50-fpn"}
+    for r in rows:
+        if r["precision"] == "fp16":
+            assert r["status"] == "unsupported"
+            continue
+        assert r["status"] == "ok", r
+        assert DET_FIELDS <= set(r), DET_FIELDS - set(r)
+        assert r["train_ms_iter"] > 0 and r["infer_ms_image"] > 0
+    whats = {x["what"] for x in data["ratios"]}
+    assert any(w.startswith("detection train ms/iter") for w in whats)
+    assert any(w.startswith("classification train img/s") for w in whats)

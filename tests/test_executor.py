@@ -1,0 +1,205 @@
+"""Fast stage executors ("fused", "batched") against the reference node-by-node loop.
+
+Outputs, input gradients, every parameter's gradient and the BN running statistics must
+agree to 1e-5 relative error in fp32 (norm-wise), across generators, seeds, odd and
+non-square sizes, train and eval mode, and the supported norms. The one exception is the
+gradient of the aggregation weights: a sum over B*C*H*W terms of both signs, whose
+cancellation turns summation-order noise into ~1e-5 relative error; it gets 1e-4 in fp32,
+and the main test repeats every check in float64 at 1e-10, where no such slack is needed.
+"""
+import copy
+
+import pytest
+import torch
+
+from detectron2.layers import FrozenBatchNorm2d
+
+from randwire_d2.graphs import GraphSpec, generate_graph
+from randwire_d2.modeling.fast_stage import EXECUTORS, StagePlan, set_executor
+from randwire_d2.modeling.network import RandWireNet, build_graph_specs
+from randwire_d2.modeling.stage import RandWireStage
+
+GENERATORS = {"WS": {"k": 4, "p": 0.75}, "ER": {"p": 0.3}, "BA": {"m": 3}}
+FAST = [e for e in EXECUTORS if e != "reference"]
+RTOL = 1e-5
+RTOL_AGG = 1e-4  # fp32 aggregation-weight gradients (see module docstring)
+RTOL_F64 = 1e-10
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+
+
+def perturbed_stage(spec, cin, cout, norm="BN", drop_path=0.0, seed=0):
+    """A reference stage with non-trivial aggregation weights and running statistics."""
+    torch.manual_seed(seed)
+    stage = RandWireStage(spec, cin, cout, norm=norm, drop_path=drop_path, executor="reference")
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for name, b in stage.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                b.normal_()
+    return stage
+
+
+def run(stage, x, grad_out_seed=123, rng_seed=7):
+    stage.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(rng_seed)  # DropPath masks
+    out = stage(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out.dtype)
+    out.backward(g)
+    grads = {n: p.grad.detach().clone() for n, p in stage.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad.detach(), grads
+
+
+def assert_equivalent(ref, fast, x):
+    f64 = x.dtype == torch.float64
+    rtol = RTOL_F64 if f64 else RTOL
+    out_r, gx_r, gp_r = run(ref, x)
+    out_f, gx_f, gp_f = run(fast, x)
+    assert out_r.shape == out_f.shape
+    assert rel_err(out_r, out_f) < rtol
+    assert rel_err(gx_r, gx_f) < rtol
+    assert gp_r.keys() == gp_f.keys() and gp_r
+    for name in gp_r:
+        tol = RTOL_AGG if name.endswith("agg_weight") and not f64 else rtol
+        assert rel_err(gp_r[name], gp_f[name]) < tol, name
+    buffers_r, buffers_f = dict(ref.named_buffers()), dict(fast.named_buffers())
+    assert buffers_r.keys() == buffers_f.keys()
+    for name in buffers_r:
+        if buffers_r[name].is_floating_point():
+            assert rel_err(buffers_r[name], buffers_f[name]) < rtol, name
+        else:
+            assert torch.equal(buffers_r[name], buffers_f[name]), name
+
+
+def pair(spec, cin, cout, executor, **kwargs):
+    ref = perturbed_stage(spec, cin, cout, **kwargs)
+    fast = copy.deepcopy(ref)
+    fast.executor = executor
+    return ref, fast
+
+
+CASES = [  # generator, seed, nodes, (cin, cout), (H, W)
+    ("WS", 0, 12, (6, 8), (16, 16)),
+    ("WS", 3, 16, (5, 7), (13, 19)),
+    ("ER", 1, 12, (4, 8), (15, 9)),
+    ("ER", 5, 10, (8, 8), (8, 8)),
+    ("BA", 2, 12, (6, 10), (11, 14)),
+    ("BA", 4, 9, (3, 5), (7, 7)),
+]
+
+
+@pytest.mark.parametrize("executor", FAST)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("gen,seed,nodes,channels,size", CASES)
+def test_equivalent_to_reference(executor, training, gen, seed, nodes, channels, size):
+    spec = generate_graph(gen, nodes, seed, **GENERATORS[gen])
+    ref, fast = pair(spec, *channels, executor, seed=seed)
+    ref.train(training)
+    fast.train(training)
+    x = torch.randn(3, channels[0], *size, generator=torch.Generator().manual_seed(seed))
+    assert_equivalent(ref, fast, x)
+    if training:  # a second step: updated running stats feed the same way
+        assert_equivalent(ref, fast, x * 0.5 + 1.0)
+    ref, fast = pair(spec, *channels, executor, seed=seed)  # fresh statistics, in float64
+    assert_equivalent(ref.double().train(training), fast.double().train(training), x.double())
+
+
+@pytest.mark.parametrize("executor", FAST)
+@pytest.mark.parametrize("norm", ["FrozenBN", "GN", ""])
+def test_equivalent_with_other_norms(executor, norm):
+    spec = generate_graph("WS", 12, 1, **GENERATORS["WS"])
+    cin, cout = (32, 64) if norm == "GN" else (6, 8)
+    ref, fast = pair(spec, cin, cout, executor, norm="BN" if norm == "FrozenBN" else norm, seed=1)
+    if norm == "FrozenBN":
+        ref = FrozenBatchNorm2d.convert_frozen_batchnorm(ref)
+        fast = FrozenBatchNorm2d.convert_frozen_batchnorm(fast)
+        assert isinstance(fast.nodes[0].conv_pw.norm, FrozenBatchNorm2d)
+    x = torch.randn(2, cin, 10, 12, generator=torch.Generator().manual_seed(0))
+    assert_equivalent(ref.train(), fast.train(), x)
+    if norm == "FrozenBN":  # no-grad inference takes FrozenBN's F.batch_norm branch
+        with torch.no_grad():
+            assert rel_err(ref.eval()(x), fast.eval()(x)) < RTOL
+
+
+@pytest.mark.parametrize("executor", FAST)
+def test_drop_path_draws_the_same_masks(executor):
+    """Masks are drawn node by node in topological order by both executors: same seed, same edges."""
+    spec = generate_graph("ER", 12, 2, **GENERATORS["ER"])
+    ref, fast = pair(spec, 6, 8, executor, drop_path=0.4, seed=2)
+    x = torch.randn(4, 6, 12, 12, generator=torch.Generator().manual_seed(1))
+    assert_equivalent(ref.train(), fast.train(), x)
+    # and DropPath is really active: another seed gives another output
+    torch.manual_seed(99)
+    other = fast(x)
+    torch.manual_seed(7)
+    assert rel_err(fast(x), other) > 1e-3
+
+
+def test_state_dicts_interchangeable():
+    graphs = build_graph_specs("regular", 10, "WS", GENERATORS["WS"], 0)
+    nets = {e: RandWireNet(regime="regular", channels=16, graphs=graphs, num_classes=10, executor=e) for e in EXECUTORS}
+    keys = {e: list(n.state_dict()) for e, n in nets.items()}
+    assert all(k == keys["reference"] for k in keys.values())
+    nets["batched"].load_state_dict(nets["reference"].state_dict())
+    nets["fused"].load_state_dict(nets["reference"].state_dict())
+    x = torch.randn(2, 3, 45, 61)
+    outs = {e: n.eval()(x)["linear"] for e, n in nets.items()}
+    for e in FAST:
+        assert rel_err(outs["reference"], outs[e]) < RTOL
+
+
+def test_set_executor_and_validation():
+    graphs = build_graph_specs("small", 8, "WS", GENERATORS["WS"], 0)
+    net = RandWireNet(regime="small", channels=8, graphs=graphs, executor="reference")
+    set_executor(net, "batched")
+    assert {s.executor for s in net.modules() if isinstance(s, RandWireStage)} == {"batched"}
+    with pytest.raises(ValueError, match="executor"):
+        set_executor(net, "nope")
+    with pytest.raises(ValueError, match="executor"):
+        RandWireStage(generate_graph("WS", 6, 0, k=2, p=0.5), 4, 4, executor="nope")
+
+
+def test_config_selects_executor():
+    from detectron2.config import get_cfg
+
+    from randwire_d2.config import EXECUTORS as CFG_EXECUTORS, add_randwire_config, randwire_kwargs
+
+    assert set(CFG_EXECUTORS) == set(EXECUTORS)
+    cfg = add_randwire_config(get_cfg())
+    cfg.MODEL.RANDWIRE.CHANNELS, cfg.MODEL.RANDWIRE.NODES = 8, 10
+    for name in EXECUTORS:
+        cfg.MODEL.RANDWIRE.EXECUTOR = name
+        net = RandWireNet(**randwire_kwargs(cfg))
+        assert {s.executor for s in net.modules() if isinstance(s, RandWireStage)} == {name}
+    cfg.MODEL.RANDWIRE.EXECUTOR = "fast"
+    with pytest.raises(ValueError, match="MODEL.RANDWIRE.EXECUTOR"):
+        randwire_kwargs(cfg)
+
+
+def test_plan_levels_cover_graph_and_respect_dependencies():
+    for gen, params in GENERATORS.items():
+        spec = generate_graph(gen, 20, 3, **params)
+        plan = StagePlan(spec, [len(p) > 1 for p in spec.predecessors])
+        seen = [v for level in plan.levels for v in level.nodes]
+        assert sorted(seen) == list(range(20))
+        level_of = {v: i for i, level in enumerate(plan.levels) for v in level.nodes}
+        for u, v in spec.edges:
+            assert level_of[u] < level_of[v]
+        assert len(plan.levels) == max(spec.depths) + 1
+        assert plan.num_outputs == len(spec.output_nodes)
+
+
+def test_single_chain_and_single_node_graphs():
+    chain = GraphSpec(num_nodes=4, edges=((0, 1), (1, 2), (2, 3)))
+    lone = GraphSpec(num_nodes=1, edges=())
+    for spec in (chain, lone):
+        for executor in FAST:
+            ref, fast = pair(spec, 3, 5, executor)
+            assert_equivalent(ref.train(), fast.train(), torch.randn(2, 3, 9, 7))
