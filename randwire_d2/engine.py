@@ -280,21 +280,10 @@ def load_detection_train_dicts(cfg) -> List[Dict]:
 
 
 def _classification_train_dicts(cfg) -> List[Dict]:
-    from .data.classification import set_imagenet_root
+    from .data.classification import classification_dicts, set_imagenet_root
 
     set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
-    names = list(cfg.DATASETS.TRAIN)
-    if not names:
-        raise ValueError("cfg.DATASETS.TRAIN is empty.")
-    dicts: List[Dict] = []
-    for name in names:
-        d = DatasetCatalog.get(name)
-        if not d:
-            raise DataError(f"Training dataset {name!r} is empty.")
-        if "label" not in d[0]:
-            raise DataError(f"Dataset {name!r} has no 'label' field: it is not a classification dataset.")
-        dicts.extend(d)
-    return dicts
+    return classification_dicts(cfg.DATASETS.TRAIN)
 
 
 @contextlib.contextmanager

@@ -425,7 +425,7 @@ class ClassificationDatasetMapper:
 
 
 # --------------------------------------------------------------------------- loaders
-def _dataset_dicts(names) -> List[Dict]:
+def classification_dicts(names) -> List[Dict]:
     names = [names] if isinstance(names, str) else list(names)
     if not names:
         raise ValueError("No dataset given (cfg.DATASETS.TRAIN / TEST is empty).")
@@ -483,7 +483,7 @@ def build_classification_train_loader(cfg, mapper=None):
     crops and is not used.
     """
     set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
-    dicts = _dataset_dicts(cfg.DATASETS.TRAIN)
+    dicts = classification_dicts(cfg.DATASETS.TRAIN)
     if mapper is None:
         mapper = ClassificationDatasetMapper(cfg, True)
     world = comm.get_world_size()
@@ -507,7 +507,7 @@ def build_classification_test_loader(cfg, dataset_name, mapper=None):
     (detectron2's ``InferenceSampler``), ``TEST.IMS_PER_BATCH`` images per process and
     batch (v0.6's ``build_detection_test_loader`` is fixed at 1)."""
     set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
-    dicts = _dataset_dicts(dataset_name)
+    dicts = classification_dicts(dataset_name)
     if mapper is None:
         mapper = ClassificationDatasetMapper(cfg, False)
     batch = int(cfg.TEST.get("IMS_PER_BATCH", 1))
