@@ -42,6 +42,10 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.HEAD_CHANNELS = 1280
     rw.DROPOUT = 0.2
     rw.LABEL_SMOOTHING = 0.1
+    # "SGD" (the paper's, with SOLVER.MOMENTUM/NESTEROV) or "AdamW" (SOLVER.BETAS)
+    if "OPTIMIZER" not in _C.SOLVER:
+        _C.SOLVER.OPTIMIZER = "SGD"
+        _C.SOLVER.BETAS = (0.9, 0.999)
     return add_classification_config(cfg)
 
 

@@ -96,12 +96,15 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         raise ValueError("The model has no trainable parameters (everything frozen?).")
     for g in groups:
         g.pop("names")
-    return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
-        groups,
-        lr=cfg.SOLVER.BASE_LR,
-        momentum=cfg.SOLVER.MOMENTUM,
-        nesterov=cfg.SOLVER.NESTEROV,
-        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+    name = cfg.SOLVER.get("OPTIMIZER", "SGD")
+    if name == "SGD":
+        optim, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
+    elif name == "AdamW":
+        optim, kwargs = torch.optim.AdamW, {"betas": tuple(cfg.SOLVER.BETAS)}
+    else:
+        raise ValueError(f"cfg.SOLVER.OPTIMIZER = {name!r} is invalid: allowed are 'SGD' and 'AdamW'.")
+    return maybe_add_gradient_clipping(cfg, optim)(
+        groups, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs
     )
 
 

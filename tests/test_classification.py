@@ -402,6 +402,18 @@ def test_pretrain_weight_decay_groups():
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 5e-5}
 
 
+def test_pretrain_adamw_option_keeps_groups_and_bad_name_is_refused():
+    cfg = make_cfg(**{"SOLVER.OPTIMIZER": "AdamW", "SOLVER.BASE_LR": 1e-3, "SOLVER.WEIGHT_DECAY": 0.05})
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.05}
+    cfg.SOLVER.OPTIMIZER = "Adam"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        build_optimizer(cfg, model)
+
+
 def test_pretrain_schedule_epochs_lr_and_warmup_values():
     cfg = make_cfg(**{
         "SOLVER.IMS_PER_BATCH": 512, "SOLVER.LR_PER_256": 0.1, "SOLVER.EPOCHS": 10.0,
