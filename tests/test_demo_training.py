@@ -20,7 +20,7 @@ def test_demo_training_loss_falls_and_coco_eval(tmp_path):
             "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)",
             "MODEL.RANDWIRE.CHANNELS", 16, "MODEL.RANDWIRE.NODES", 6,
             "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 40, "SOLVER.STEPS", "()",
-            "SOLVER.WARMUP_ITERS", 5, "SOLVER.BASE_LR", 0.02, "SOLVER.CHECKPOINT_PERIOD", 1000,
+            "SOLVER.WARMUP_ITERS", 5, "SOLVER.CHECKPOINT_PERIOD", 1000,
             "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", 128,
             "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path / "out"),
         ],
