@@ -133,5 +133,19 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
         comm.synchronize()
         main_func(*args)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_process_group()
+
+
+def shutdown_process_group() -> None:
+    """Tear gloo down only once every rank is done with it: a rank destroying its groups
+    while a peer still talks to it can abort the peer ("terminate called without an
+    active exception")."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    finally:
+        cached = getattr(comm, "_get_global_gloo_group", None)
+        if hasattr(cached, "cache_clear"):  # detectron2's gather group, cached per process
+            cached.cache_clear()
+        dist.destroy_process_group()

@@ -28,6 +28,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_lr_scheduler  # noqa: E402
+from randwire_d2.launch import shutdown_process_group  # noqa: E402
 from randwire_d2.config import add_classification_config, add_randwire_config  # noqa: E402
 from randwire_d2.data.classification import (  # noqa: E402
     ClassificationDatasetMapper,
@@ -361,7 +362,7 @@ def _evaluator_worker(rank, world, port, out_dir):
         res = ev.evaluate()
         torch.save(dict(res), os.path.join(out_dir, f"rank{rank}.pth"))
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def test_classification_evaluator_two_process_reduce(tmp_path):

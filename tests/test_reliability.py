@@ -29,6 +29,7 @@ from conftest import REPO, tiny_detection_cfg
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import train_net  # noqa: E402
+from randwire_d2.launch import shutdown_process_group  # noqa: E402
 from randwire_d2 import engine  # noqa: E402
 from randwire_d2.checkpoint import GRAPHS_KEY, RandWireCheckpointer, graph_specs_of, read_graph_specs  # noqa: E402
 from randwire_d2.data.classification import register_image_folder  # noqa: E402
@@ -421,7 +422,7 @@ def test_distributed_torch_syncbn_needs_gpu(tmp_path):
         with pytest.raises(ValueError, match="GPU"):
             bn(torch.randn(2, 4, 3, 3))
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def test_distributed_launch_single_process_and_bad_args():
