@@ -263,6 +263,16 @@ def fvcore_gflops(net, args, device):
         return None
 
 
+
+def work_fields(prefix, gflop, gbytes, seconds):
+    """FLOPs and bytes of one step and the rates they imply (None where not counted)."""
+    tflops = _rate(gflop, seconds)
+    return {
+        f"{prefix}_gflop": _r(gflop), f"{prefix}_gbytes": _r(gbytes),
+        f"{prefix}_achieved_tflops": _r(tflops and tflops / 1e3, 4),
+        f"{prefix}_achieved_gbs": _r(_rate(gbytes, seconds), 2),
+    }
+
 def bench_classifier(meta, net, executor, precision, args, device):
     from randwire_d2.modeling.fast_stage import set_executor
 
@@ -317,12 +327,8 @@ def bench_classifier(meta, net, executor, precision, args, device):
         train_times_ms=raw_train, train_peak_mem_mb=_r(mem_train, 1),
         infer_ms=_r(t_infer * 1e3), infer_img_s=_r(args.batch / t_infer, 2),
         infer_times_ms=raw_infer, infer_peak_mem_mb=_r(mem_infer, 1),
-        train_gflop=_r(g_train), train_gbytes=_r(b_train),
-        train_achieved_tflops=_r(_rate(g_train, t_train) and _rate(g_train, t_train) / 1e3, 4),
-        train_achieved_gbs=_r(_rate(b_train, t_train), 2),
-        infer_gflop=_r(g_infer), infer_gbytes=_r(b_infer),
-        infer_achieved_tflops=_r(_rate(g_infer, t_infer) and _rate(g_infer, t_infer) / 1e3, 4),
-        infer_achieved_gbs=_r(_rate(b_infer, t_infer), 2),
+        **work_fields("train", g_train, b_train, t_train),
+        **work_fields("infer", g_infer, b_infer, t_infer),
     )
 
 
@@ -429,12 +435,8 @@ def bench_detector(name, model, executor, precision, args, device):
         row, status="ok", params_m=_r(params),
         train_ms_iter=_r(t_train * 1e3), train_times_ms=raw_train, train_peak_mem_mb=_r(mem_train, 1),
         infer_ms_image=_r(t_infer * 1e3), infer_times_ms=raw_infer, infer_peak_mem_mb=_r(mem_infer, 1),
-        train_gflop=_r(g_train), train_gbytes=_r(b_train),
-        train_achieved_tflops=_r(_rate(g_train, t_train) and _rate(g_train, t_train) / 1e3, 4),
-        train_achieved_gbs=_r(_rate(b_train, t_train), 2),
-        infer_gflop=_r(g_infer), infer_gbytes=_r(b_infer),
-        infer_achieved_tflops=_r(_rate(g_infer, t_infer) and _rate(g_infer, t_infer) / 1e3, 4),
-        infer_achieved_gbs=_r(_rate(b_infer, t_infer), 2),
+        **work_fields("train", g_train, b_train, t_train),
+        **work_fields("infer", g_infer, b_infer, t_infer),
     )
 
 
