@@ -51,7 +51,19 @@ def launch_from_args(args):
     )
 
 
+def _user_error(exc: BaseException) -> bool:
+    """Our validation errors name the key, file or value: show them without a traceback."""
+    if isinstance(exc, KeyError):  # yacs: a typo in a config key
+        return "Non-existent config key" in str(exc)
+    return isinstance(exc, (ValueError, FileNotFoundError))
+
+
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch_from_args(args)
+    try:
+        launch_from_args(args)
+    except Exception as exc:
+        if not _user_error(exc) or os.environ.get("RANDWIRE_DEBUG"):
+            raise
+        sys.exit(f"error: {exc}\n(set RANDWIRE_DEBUG=1 for the traceback)")
