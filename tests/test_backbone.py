@@ -139,3 +139,19 @@ def test_import_twice_and_registration():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
     for name in BUILDERS:
         assert BACKBONE_REGISTRY.get(name)
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.RANDWIRE.CHANELS", "8"], "Non-existent config key: MODEL.RANDWIRE.CHANELS"),
+        (["MODEL.RANDWIRE.WS_K", "3"], "MODEL.RANDWIRE.WS_K"),
+        (["MODEL.WEIGHTS", "/nonexistent/w.pkl"], "cfg.MODEL.WEIGHTS = '/nonexistent/w.pkl': no such file"),
+    ],
+)
+def test_train_net_reports_bad_input_without_traceback(opts, message, tmp_path):
+    cmd = [sys.executable, "tools/train_net.py", "--config-file", "configs/demo/randwire_frcnn_demo.yaml",
+           "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "1", *opts]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and message in out.stderr, out.stderr[-2000:]
