@@ -159,4 +159,10 @@ class RandWireCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables=None):
         self._current_file = path
-        return super().load(path, checkpointables=checkpointables)
+        try:
+            return super().load(path, checkpointables=checkpointables)
+        finally:
+            # HEAD asserts this is None on entry and resets it only on success: after one
+            # refused checkpoint, the next load must still work
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None

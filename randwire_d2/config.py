@@ -45,6 +45,7 @@ def add_randwire_config(cfg: CN) -> CN:
     # "SGD" (the paper's, with SOLVER.MOMENTUM/NESTEROV) or "AdamW" (SOLVER.BETAS)
     if "OPTIMIZER" not in _C.SOLVER:
         _C.SOLVER.OPTIMIZER = "SGD"
+    if "BETAS" not in _C.SOLVER:
         _C.SOLVER.BETAS = (0.9, 0.999)
     return add_classification_config(cfg)
 

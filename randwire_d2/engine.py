@@ -33,6 +33,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.common import DatasetFromList
 from detectron2.engine import DefaultTrainer, HookBase, default_setup
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
@@ -372,9 +373,9 @@ class Trainer(DefaultTrainer):
     exactly resumable data and RNG streams, CPU DDP, and checked input data."""
 
     def __init__(self, cfg):
-        if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
+        if cfg.SOLVER.AMP.ENABLED and not (torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda")):
             # detectron2's AMPTrainer requires CUDA; keep the run going in fp32.
-            logger.warning("SOLVER.AMP.ENABLED is set but CUDA is unavailable: training in fp32.")
+            logger.warning("SOLVER.AMP.ENABLED is set but the model is not on CUDA: training in fp32.")
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SOLVER.AMP.ENABLED = False
@@ -401,17 +402,19 @@ class Trainer(DefaultTrainer):
 
     def state_dict(self):
         ret = super().state_dict()
-        ret.setdefault("_trainer", self._trainer.state_dict())
+        if "_trainer" not in ret:  # HEAD already saved it
+            ret["_trainer"] = self._trainer.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        if self._D2_SAVES_TRAINER:
-            return
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
+        if "_trainer" not in state_dict:
+            # HEAD's DefaultTrainer would raise KeyError here: load iteration and hooks only
+            TrainerBase.load_state_dict(self, state_dict)
             logger.warning("The checkpoint has no optimizer state (saved by detectron2 v0.6?): momentum restarts.")
+            return
+        super().load_state_dict(state_dict)
+        if not self._D2_SAVES_TRAINER:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)

@@ -78,6 +78,8 @@ def launch(
     world_size = num_machines * num_processes_per_machine
     if world_size == 1:
         return main_func(*args)
+    if dist_url is None or dist_url == "auto":
+        dist_url = "auto" if uses_cuda(device) else f"tcp://127.0.0.1:{_find_free_port()}"
     if uses_cuda(device):
         from detectron2.engine import launch as d2_launch
 
@@ -90,8 +92,6 @@ def launch(
             args=args,
             timeout=timeout,
         )
-    if dist_url is None or dist_url == "auto":
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     if num_machines > 1 and dist_url.startswith("file://"):
         logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
     mp.start_processes(
@@ -145,7 +145,11 @@ def shutdown_process_group() -> None:
     try:
         dist.barrier()
     finally:
-        cached = getattr(comm, "_get_global_gloo_group", None)
-        if hasattr(cached, "cache_clear"):  # detectron2's gather group, cached per process
-            cached.cache_clear()
+        # detectron2 caches its gather and local groups per process: forget them, so a
+        # later process group in this process builds fresh ones
+        for name in ("_get_global_gloo_group", "create_local_process_group"):
+            cached = getattr(comm, name, None)
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()
+        comm._LOCAL_PROCESS_GROUP = None
         dist.destroy_process_group()

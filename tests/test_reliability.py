@@ -468,6 +468,18 @@ def test_mismatch_graphs_refused_naming_stage_and_rebuild(tmp_path):
     RandWireCheckpointer(rebuilt).load(path)
     for k, v in src.state_dict().items():
         assert torch.equal(v, rebuilt.state_dict()[k]), k
+    # a checkpointer that refused one file still loads the next (HEAD keeps per-load state)
+    same = _classifier(seed=0)
+    checkpointer = RandWireCheckpointer(same)
+    with pytest.raises(ValueError, match="stage res3"):
+        checkpointer.load(_saved(_classifier(seed=1), tmp_path))
+    checkpointer.load(path)
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in src.state_dict().items())
+
+
+def _saved(model, tmp_path):
+    RandWireCheckpointer(model, save_dir=str(tmp_path)).save("model_b")
+    return str(tmp_path / "model_b.pth")
 
 
 def test_corrupt_save_crash_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -517,6 +529,22 @@ def test_resume_checkpoint_carries_graphs_data_seed_and_history(data, tmp_path):
     hook = ckpt["trainer"]["hooks"]["ExactResumeHook"]
     assert isinstance(hook["data_seed"], int) and hook["data_seed"] >= 0  # SEED -1: a drawn seed, kept
     assert [it for _, it in hook["history"]["total_loss"]] == [0, 1]
+    assert "_trainer" in ckpt["trainer"]  # optimizer state, also on detectron2 v0.6
+
+
+def test_resume_from_checkpoint_without_optimizer_state(data, tmp_path, caplog):
+    """Checkpoints written by plain detectron2 v0.6 trainers carry no '_trainer' entry:
+    resuming restores iteration and hooks and says momentum restarts (HEAD would KeyError)."""
+    config, opts = cls_opts(tmp_path / "out", max_iter=2, period=2, SEED=0)
+    _run_in_process(config, opts)
+    path = tmp_path / "out" / "model_final.pth"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    del ckpt["trainer"]["_trainer"]
+    torch.save(ckpt, path)
+    config, opts = cls_opts(tmp_path / "out", max_iter=3, period=2, SEED=0)
+    with caplog.at_level("WARNING", logger="randwire_d2"):
+        _run_in_process(config, opts, "--resume")
+    assert "momentum restarts" in caplog.text
 
 
 # --------------------------------------------------------------------------- hostile input

@@ -244,5 +244,11 @@ class RandWireNet(Backbone):
                 continue
             for p in module.parameters():
                 p.requires_grad_(False)
-            setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(module))
+            frozen = FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+            for m in frozen.modules():
+                if isinstance(m, FrozenBatchNorm2d):
+                    # HEAD keeps BN's step counter as a buffer, v0.6 has none: drop it so
+                    # frozen checkpoints have the same keys on both
+                    m.num_batches_tracked = None
+            setattr(self, name, frozen)
         return self
