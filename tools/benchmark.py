@@ -264,6 +264,17 @@ def fvcore_gflops(net, args, device):
 
 
 
+def backward_and_step(loss, opt, scaler=None):
+    """One optimizer step; with fp16, through the gradient scaler."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def work_fields(prefix, gflop, gbytes, seconds):
     """FLOPs and bytes of one step and the rates they imply (None where not counted)."""
     tflops = _rate(gflop, seconds)
@@ -298,13 +309,7 @@ def bench_classifier(meta, net, executor, precision, args, device):
         opt.zero_grad(set_to_none=True)
         with _autocast(device, precision):
             loss = F.cross_entropy(logits(net(x)).float(), labels)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        backward_and_step(loss, opt, scaler)
 
     def infer():
         net.eval()
@@ -405,13 +410,7 @@ def bench_detector(name, model, executor, precision, args, device):
         with _autocast(device, precision):
             losses = model(train_batch)
         loss = sum(v.float() for v in losses.values())
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        backward_and_step(loss, opt, scaler)
 
     def infer():
         model.eval()

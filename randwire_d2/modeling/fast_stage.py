@@ -202,12 +202,7 @@ def _batch_norm(stage, level, norms, y):
         torch._foreach_add_(counters, 1)
         if first.momentum is None:
             factor = 1.0 / float(counters[0])
-    weight = bias = None
-    if first.affine:
-        weight = _cached(stage, ("bn_w", level.index), [n.weight for n in norms],
-                         lambda: torch.cat([n.weight for n in norms]))
-        bias = _cached(stage, ("bn_b", level.index), [n.bias for n in norms],
-                       lambda: torch.cat([n.bias for n in norms]))
+    weight, bias = _level_affine(stage, level, norms, "bn")
     if not tracking:
         return F.batch_norm(y, None, None, weight, bias, True, factor, first.eps)
     means = [n.running_mean for n in norms]
@@ -248,15 +243,21 @@ def _frozen_bn(stage, level, norms, y):
     return F.batch_norm(y, m, v, w, b, training=False, eps=eps)
 
 
+def _level_affine(stage, level, norms, kind):
+    """The level's norm scales and shifts, concatenated (cached while unchanged)."""
+    if not norms[0].affine:
+        return None, None
+    weight = _cached(stage, (f"{kind}_w", level.index), [n.weight for n in norms],
+                     lambda: torch.cat([n.weight for n in norms]))
+    bias = _cached(stage, (f"{kind}_b", level.index), [n.bias for n in norms],
+                   lambda: torch.cat([n.bias for n in norms]))
+    return weight, bias
+
+
 def _group_norm(stage, level, norms, y):
     """Per-node GroupNorm(G, C) == GroupNorm(k*G, k*C) on the concatenation."""
     first = norms[0]
-    weight = bias = None
-    if first.affine:
-        weight = _cached(stage, ("gn_w", level.index), [n.weight for n in norms],
-                         lambda: torch.cat([n.weight for n in norms]))
-        bias = _cached(stage, ("gn_b", level.index), [n.bias for n in norms],
-                       lambda: torch.cat([n.bias for n in norms]))
+    weight, bias = _level_affine(stage, level, norms, "gn")
     return F.group_norm(y, first.num_groups * len(norms), weight, bias, first.eps)
 
 
