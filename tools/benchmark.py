@@ -463,22 +463,21 @@ def _fmt(v, width, nd=1):
     return f"{'-' if v is None else (f'{v:.{nd}f}' if isinstance(v, float) else v):>{width}}"
 
 
-def _cls_line(r):
+def _row_line(r, train_key, infer_key):
     head = f"{r['model']:22s} {str(r['executor'] or '-'):9s} {r['precision']:5s}"
     if r.get("status") != "ok":
         return f"{head} {r.get('status')}"
-    return (f"{head} {_fmt(r['train_img_s'], 10)} {_fmt(r['infer_img_s'], 10)} "
+    return (f"{head} {_fmt(r[train_key], 10)} {_fmt(r[infer_key], 10)} "
             f"{_fmt(r['train_peak_mem_mb'], 10)} {_fmt(r['infer_peak_mem_mb'], 10)} "
             f"{_fmt(r['train_achieved_gbs'], 8)} {_fmt(r['train_achieved_tflops'], 8, 3)}")
+
+
+def _cls_line(r):
+    return _row_line(r, "train_img_s", "infer_img_s")
 
 
 def _det_line(r):
-    head = f"{r['model']:22s} {str(r['executor'] or '-'):9s} {r['precision']:5s}"
-    if r.get("status") != "ok":
-        return f"{head} {r.get('status')}"
-    return (f"{head} {_fmt(r['train_ms_iter'], 10)} {_fmt(r['infer_ms_image'], 10)} "
-            f"{_fmt(r['train_peak_mem_mb'], 10)} {_fmt(r['infer_peak_mem_mb'], 10)} "
-            f"{_fmt(r['train_achieved_gbs'], 8)} {_fmt(r['train_achieved_tflops'], 8, 3)}")
+    return _row_line(r, "train_ms_iter", "infer_ms_image")
 
 
 CLS_HEADER = (f"{'classification':22s} {'executor':9s} {'prec':5s} {'train img/s':>10s} "
