@@ -35,10 +35,10 @@ from randwire_d2.checkpoint import GRAPHS_KEY, RandWireCheckpointer, graph_specs
 from randwire_d2.data.classification import register_image_folder  # noqa: E402
 from randwire_d2.data.demo import ensure_demo_dataset, register_demo_datasets  # noqa: E402
 from randwire_d2.data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts  # noqa: E402
+from randwire_d2.data import resumable  # noqa: E402
+from randwire_d2.data.resumable import GlobalBatchStream, _RankBatches  # noqa: E402
 from randwire_d2.engine import (  # noqa: E402
-    GlobalBatchStream,
     Trainer,
-    _RankBatches,
     check_run_settings,
     load_detection_train_dicts,
     setup_cfg,
@@ -216,7 +216,7 @@ def _stream_batches(world, workers, n_batches, monkeypatch, start_iter=0, groupe
         its = []
         for w in range(max(workers, 1)):
             info = type("I", (), {"id": w, "num_workers": workers})() if workers else None
-            monkeypatch.setattr(engine.torchdata, "get_worker_info", lambda info=info: info)
+            monkeypatch.setattr(resumable.torchdata, "get_worker_info", lambda info=info: info)
             its.append(list(_take(iter(ds), n_batches)))  # generators read worker info lazily
         per_rank.append([its[j % len(its)][j // len(its)] for j in range(n_batches)])
     return [sum((per_rank[r][j] for r in range(world)), []) for j in range(n_batches)]
@@ -635,7 +635,7 @@ def test_corrupt_missing_or_unreadable_images_error_names_file(tmp_path):
     good.write_bytes(good.read_bytes()[:60])
     cfg = _det_cfg(name, "DATALOADER.NUM_WORKERS", 1)
     dicts = [dict(d, file_name=str(good)) for d in DatasetCatalog.get(name)[:1]]
-    loader = engine.ResumableTrainLoader(dicts, mapper, total_batch_size=1, seed=0, num_workers=1)
+    loader = resumable.ResumableTrainLoader(dicts, mapper, total_batch_size=1, seed=0, num_workers=1)
     with pytest.raises(DataError, match=f"Cannot load image '{good}'"):
         next(iter(loader))
 

@@ -34,10 +34,10 @@ from PIL import Image
 
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.common import DatasetFromList, MapDataset, ToIterableDataset
-from detectron2.data.samplers import InferenceSampler, TrainingSampler
-from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
+from detectron2.data.common import DatasetFromList, MapDataset
+from detectron2.data.samplers import InferenceSampler
+
+from .resumable import ResumableTrainLoader, training_seed
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -344,7 +344,7 @@ class ClassificationDatasetMapper:
         self.crop_ratio = tuple(float(r) for r in crop_ratio)
         self.pad = int(pad)
         self.flip = flip
-        # Seeded per data-loader worker by worker_init_reset_seed (it seeds `random`).
+        # Seeded per image by the resumable loader (it seeds `random`).
         self._rng = random
 
     @classmethod
@@ -440,12 +440,6 @@ def classification_dicts(names) -> List[Dict]:
     return dicts
 
 
-def worker_init_reset_seed(worker_id: int) -> None:
-    """Seed python/numpy/torch RNGs of a loader worker from its torch seed (distinct per
-    worker and per run), as detectron2's loaders do; the mapper draws from ``random``."""
-    seed_all_rng(torch.initial_seed() % 2**31)
-
-
 def batch_collator(batch: List[Dict]) -> List[Dict]:
     """Keep detectron2's list-of-dicts batches, but stack equal-size images into one
     tensor whose rows the dicts view: a worker then hands one shared-memory block per
@@ -473,32 +467,23 @@ def _loader_kwargs(cfg, num_workers: int) -> Dict:
 
 def build_classification_train_loader(cfg, mapper=None):
     """Infinite loader of lists of mapped dicts, ``SOLVER.IMS_PER_BATCH / world size`` per
-    process (per GPU).
+    process (per GPU), resumable exactly (see :mod:`randwire_d2.data.resumable`).
 
-    Built from the same parts as detectron2's ``build_detection_train_loader``
-    (``DatasetFromList`` shared buffer, ``TrainingSampler`` sharded by rank and by
-    loader worker, ``worker_init_reset_seed``), plus what v0.6's builder cannot pass
-    on: pinned memory when CUDA is available, persistent workers and
-    ``DATALOADER.CLS_PREFETCH_FACTOR``. Aspect-ratio grouping is pointless for fixed-size
-    crops and is not used.
+    Beyond what v0.6's ``build_detection_train_loader`` can pass on: pinned memory when
+    CUDA is available, persistent workers and ``DATALOADER.CLS_PREFETCH_FACTOR``; batches
+    are stacked in the workers (:func:`batch_collator`). Aspect-ratio grouping is
+    pointless for fixed-size crops and is not used.
     """
     set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
-    dicts = classification_dicts(cfg.DATASETS.TRAIN)
-    if mapper is None:
-        mapper = ClassificationDatasetMapper(cfg, True)
-    world = comm.get_world_size()
-    total = cfg.SOLVER.IMS_PER_BATCH
-    if total <= 0 or total % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the world size ({world}).")
-    dataset = MapDataset(DatasetFromList(dicts, copy=False), mapper)
-    dataset = ToIterableDataset(dataset, TrainingSampler(len(dicts), seed=cfg.SEED if cfg.SEED >= 0 else None))
-    return torchdata.DataLoader(
-        dataset,
-        batch_size=total // world,
-        drop_last=True,
+    kwargs = _loader_kwargs(cfg, cfg.DATALOADER.NUM_WORKERS)
+    return ResumableTrainLoader(
+        classification_dicts(cfg.DATASETS.TRAIN),
+        mapper if mapper is not None else ClassificationDatasetMapper(cfg, True),
+        total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+        seed=training_seed(cfg),
+        num_workers=kwargs.pop("num_workers"),
         collate_fn=batch_collator,
-        worker_init_fn=worker_init_reset_seed,
-        **_loader_kwargs(cfg, cfg.DATALOADER.NUM_WORKERS),
+        loader_kwargs=kwargs,
     )
 
 
