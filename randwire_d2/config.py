@@ -11,9 +11,9 @@ from detectron2.config import CfgNode as CN
 
 from .graphs import GENERATORS, GraphSpec, specs_from_dict, validate_generator_params
 from .modeling.network import FEATURES, REGIMES, build_graph_specs
+from .modeling.stage import EXECUTORS
 
 NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN", "GN")
-EXECUTORS = ("reference", "fused", "batched")  # see randwire_d2/modeling/fast_stage.py
 
 
 def add_randwire_config(cfg: CN) -> CN:
@@ -36,7 +36,11 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     rw.NORM = "BN"
     rw.DROP_PATH = 0.0
-    rw.EXECUTOR = "fused"  # "reference", "fused" or "batched": randwire_d2/modeling/fast_stage.py
+    rw.EXECUTOR = "lean"  # or "reference" (the paper's spec): randwire_d2/modeling/lean.py
+    # lean only: keep just node outputs for backward (least memory, ~18% more bytes moved)
+    rw.RECOMPUTE = False
+    # torch.compile the RandWire network (the backbone, not the whole detector)
+    rw.COMPILE = False
     # Classification (pretraining) head
     rw.NUM_CLASSES = 1000
     rw.HEAD_CHANNELS = 1280
@@ -102,7 +106,13 @@ def randwire_kwargs(cfg: CN) -> dict:
            rw.DROP_PATH, "a rate in [0, 1)")
     _check(isinstance(rw.DROPOUT, (int, float)) and 0.0 <= rw.DROPOUT < 1.0, "DROPOUT", rw.DROPOUT,
            "a rate in [0, 1)")
-    _check(rw.EXECUTOR in EXECUTORS, "EXECUTOR", rw.EXECUTOR, f"allowed are {list(EXECUTORS)}")
+    _check(rw.EXECUTOR in EXECUTORS, "EXECUTOR", rw.EXECUTOR, f"allowed are {list(EXECUTORS)}"
+           + (" ('fused' and 'batched' were removed: 'lean' keeps and moves fewer bytes)"
+              if rw.EXECUTOR in ("fused", "batched") else ""))
+    _check(isinstance(rw.RECOMPUTE, bool), "RECOMPUTE", rw.RECOMPUTE, "true or false")
+    _check(not rw.RECOMPUTE or rw.EXECUTOR == "lean", "RECOMPUTE", rw.RECOMPUTE,
+           f"recompute needs MODEL.RANDWIRE.EXECUTOR 'lean', not {rw.EXECUTOR!r}")
+    _check(isinstance(rw.COMPILE, bool), "COMPILE", rw.COMPILE, "true or false")
     _check(isinstance(rw.OUT_FEATURES, (list, tuple)), "OUT_FEATURES", rw.OUT_FEATURES,
            f"a list from {list(FEATURES[:-1])}")
     feats = list(rw.OUT_FEATURES)
@@ -120,6 +130,8 @@ def randwire_kwargs(cfg: CN) -> dict:
         drop_path=float(rw.DROP_PATH),
         out_features=feats,
         executor=rw.EXECUTOR,
+        recompute=rw.RECOMPUTE,
+        compile=rw.COMPILE,
     )
 
 

@@ -29,7 +29,7 @@ def result(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--tiny", "--device", "cpu",
-         "--executors", "fused,batched", "--json", str(path)],
+         "--executors", "lean,reference", "--json", str(path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,7 +48,7 @@ def test_top_level_fields(result):
     assert set(data["versions"]) >= {"torch", "torchvision", "detectron2", "python", "fvcore"}
     s = data["settings"]
     assert s["tiny"] and s["batch"] == 2 and s["image_size"] == 64
-    assert s["precisions"] == ["fp32", "bf16", "fp16"] and s["executors"] == ["fused", "batched"]
+    assert s["precisions"] == ["fp32", "bf16", "fp16"] and s["executors"] == ["lean", "reference"]
     assert "train img/s" in stdout and "train ms/it" in stdout  # the printed tables
 
 
@@ -65,7 +65,7 @@ def test_classification_rows(result):
         assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
         assert len(r["train_times_ms"]) == result[0]["settings"]["repeats"]
         assert r["train_gflop"] > r["infer_gflop"] > 0 and r["train_gbytes"] > 0
-    assert {r["executor"] for r in rows if r["model"] != "resnet50"} == {"fused", "batched"}
+    assert {r["executor"] for r in rows if r["model"] != "resnet50"} == {"lean", "reference"}
 
 
 def test_detection_rows_and_ratios(result):

@@ -50,7 +50,10 @@ JSON fields (``--json PATH``)
       train_ms, train_img_s, train_times_ms, train_peak_mem_mb,
       infer_ms, infer_img_s, infer_times_ms, infer_peak_mem_mb,
       train_gflop, train_gbytes, train_achieved_tflops, train_achieved_gbs,
-      infer_gflop, infer_gbytes, infer_achieved_tflops, infer_achieved_gbs
+      infer_gflop, infer_gbytes, infer_achieved_tflops, infer_achieved_gbs, compiled,
+      saved_mb_per_img, traffic_mb_per_img, traffic_fwd_bwd_mb_per_img (randwire_d2.cost at
+      --cost-batch images, fp32, eager: activations kept for backward and bytes moved by a
+      training step; device-independent, the same for every precision row)
   detection              list, one row per (model, executor, precision):
       model ("randwire-fpn" | "r50-fpn"), executor, precision, status, params_m,
       train_ms_iter, train_times_ms, train_peak_mem_mb, infer_ms_image, infer_times_ms,
@@ -284,15 +287,36 @@ def work_fields(prefix, gflop, gbytes, seconds):
         f"{prefix}_achieved_gbs": _r(_rate(gbytes, seconds), 2),
     }
 
-def bench_classifier(meta, net, executor, precision, args, device):
-    from randwire_d2.modeling.fast_stage import set_executor
+def apply_executor(module, executor):
+    """"lean", "reference" or "lean+recompute" on every stage of ``module``."""
+    from randwire_d2.modeling.stage import set_executor
 
+    name, _, option = executor.partition("+")
+    set_executor(module, name, recompute=option == "recompute")
+
+
+def cost_fields(net, executor, args, device):
+    """randwire_d2.cost at ``--cost-batch`` images, fp32, eager (None fields when skipped)."""
+    keys = ("saved_mb_per_img", "traffic_mb_per_img", "traffic_fwd_bwd_mb_per_img")
+    if not args.cost_batch:
+        return dict.fromkeys(keys)
+    from randwire_d2.cost import training_cost
+
+    if executor is not None:
+        apply_executor(net, executor)
+    net.to(device=device, memory_format=torch.contiguous_format)
+    x = torch.randn(args.cost_batch, 3, args.image_size, args.image_size, device=device)
+    cost = training_cost(net, x)
+    return {k: _r(cost[k], 2) for k in keys}
+
+
+def bench_classifier(meta, net, executor, precision, args, device):
     row = dict(meta, executor=executor, precision=precision)
     reason = _unsupported(device, precision)
     if reason:
         return dict(row, status=reason)
     if executor is not None:
-        set_executor(net, executor)
+        apply_executor(net, executor)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     net.to(device=device, memory_format=fmt)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
@@ -343,9 +367,14 @@ def run_classification(args, device, log):
         params = sum(p.numel() for p in net.parameters()) / 1e6
         gflops = fvcore_gflops(net, args, device)
         for executor in executors:
+            cost = cost_fields(net, executor, args, device)
+            log(f"# cost {meta['model']} [{executor}]: {cost}")
+            if args.compile and executor is not None:
+                net.compile()  # in place: parameter names unchanged
             for precision in args.precisions:
                 row = bench_classifier(meta, net, executor, precision, args, device)
-                row.update(params_m=_r(params, 3), fvcore_gflops_per_image=_r(gflops))
+                row.update(params_m=_r(params, 3), fvcore_gflops_per_image=_r(gflops), compiled=bool(
+                    args.compile and executor is not None), **cost)
                 rows.append(row)
                 log(_cls_line(row))
         del net
@@ -390,14 +419,14 @@ def det_inputs(n, size, device, seed):
 
 def bench_detector(name, model, executor, precision, args, device):
     from detectron2.utils.events import EventStorage
-    from randwire_d2.modeling.fast_stage import set_executor
+    from randwire_d2.modeling.stage import set_executor
 
     row = {"model": name, "executor": executor, "precision": precision}
     reason = _unsupported(device, precision)
     if reason:
         return dict(row, status=reason)
     if executor is not None:
-        set_executor(model, executor)
+        apply_executor(model, executor)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     train_batch = det_inputs(args.det_batch, args.det_size, device, 0)
     test_batch = det_inputs(1, args.det_size, device, 1)
@@ -498,6 +527,18 @@ def ratios(cls_rows, det_rows):
         out.append({"what": f"classification train img/s {r['model']} / resnet50", "executor": r["executor"],
                     "precision": r["precision"], "randwire": r["train_img_s"], "baseline": b["train_img_s"],
                     "ratio": _r(r["train_img_s"] / b["train_img_s"])})
+    seen = set()
+    for r in cls_rows:
+        b = next((x for x in cls_rows if x["model"] == "resnet50"), None)
+        key = (r["model"], r["executor"])
+        if r["model"] == "resnet50" or b is None or key in seen:
+            continue
+        seen.add(key)
+        for field in ("saved_mb_per_img", "traffic_mb_per_img"):
+            if r.get(field) is not None and b.get(field):
+                out.append({"what": f"{field} {r['model']} / resnet50", "executor": r["executor"],
+                            "precision": "fp32", "randwire": r[field], "baseline": b[field],
+                            "ratio": _r(r[field] / b[field])})
     ok = [r for r in det_rows if r.get("status") == "ok"]
     base = {r["precision"]: r for r in ok if r["model"] == "r50-fpn"}
     for r in ok:
@@ -553,7 +594,12 @@ def parse_args(argv=None):
     ap.add_argument("--det-batch", type=int, default=None, help="detection training images (8 cuda, 1 cpu/tiny)")
     ap.add_argument("--det-size", type=str, default=None, help="detection H,W (800,1216 cuda; 512,768 cpu; 128,128 tiny)")
     ap.add_argument("--precisions", default="fp32,bf16,fp16")
-    ap.add_argument("--executors", default="fused,batched,reference", help="RandWire stage executors to time")
+    ap.add_argument("--executors", default="lean,lean+recompute,reference",
+                    help="RandWire stage executors to time (lean+recompute: lean with RECOMPUTE)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the RandWire networks (as MODEL.RANDWIRE.COMPILE does)")
+    ap.add_argument("--cost-batch", type=int, default=4,
+                    help="batch of the device-independent cost model (randwire_d2.cost; 0: skip)")
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"of {list(PRESETS)} (ignored with --tiny)")
     ap.add_argument("--channels-last", action="store_true", help="models and inputs in NHWC")
     ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (5; 1 tiny)")
@@ -574,12 +620,13 @@ def parse_args(argv=None):
     bad = [p for p in args.precisions if p not in DTYPES]
     if bad:
         ap.error(f"--precisions: unknown {bad}; choose from {list(DTYPES)}")
-    from randwire_d2.modeling.fast_stage import EXECUTORS
+    from randwire_d2.modeling.stage import EXECUTORS
 
     args.executors = [e.strip() for e in args.executors.split(",") if e.strip()]
-    bad = [e for e in args.executors if e not in EXECUTORS]
+    bad = [e for e in args.executors if e.partition("+")[0] not in EXECUTORS
+           or e.partition("+")[2] not in ("", "recompute") or e == "reference+recompute"]
     if bad or not args.executors:
-        ap.error(f"--executors: unknown {bad}; choose from {list(EXECUTORS)}")
+        ap.error(f"--executors: unknown {bad}; choose from {list(EXECUTORS)} (+recompute for lean)")
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     bad = [p for p in args.presets if p not in PRESETS]
     if bad:
@@ -624,7 +671,7 @@ def main(argv=None):
             "tiny": args.tiny, "batch": args.batch, "image_size": args.image_size,
             "det_batch": args.det_batch, "det_size": list(args.det_size), "warmup": args.warmup,
             "repeats": args.repeats, "precisions": args.precisions, "executors": args.executors,
-            "channels_last": args.channels_last,
+            "channels_last": args.channels_last, "compile": args.compile, "cost_batch": args.cost_batch,
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         },

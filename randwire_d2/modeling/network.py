@@ -13,8 +13,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import Backbone
 
 from ..graphs import GraphSpec, generate_graph, stage_seed
-from .fast_stage import DEFAULT_EXECUTOR
-from .stage import RandWireStage
+from .stage import DEFAULT_EXECUTOR, RandWireStage, check_executor
 
 REGIMES = ("small", "regular")
 STAGES = ("res2", "res3", "res4", "res5")
@@ -120,7 +119,11 @@ class RandWireNet(Backbone):
             last requested one are not built (unused parameters break DDP).
         num_classes: builds the classification head; needed for "linear".
         freeze_at: 0 none, 1 the stem, k>=2 the stem and res2..res{k}.
-        executor: how stages run their DAG: "reference", "fused" or "batched" (same parameters).
+        executor: how stages run their DAG: "lean" (default) or "reference" (same parameters).
+        recompute: lean only; keep just node outputs for backward and recompute the rest
+            (least activation memory, more bytes moved: benchmarks/README.md).
+        compile: ``torch.compile`` this network in place (parameter names unchanged); under
+            compilation the stages run the reference ops, which inductor fuses.
     """
 
     def __init__(
@@ -138,8 +141,11 @@ class RandWireNet(Backbone):
         dropout: float = 0.0,
         freeze_at: int = 0,
         executor: str = DEFAULT_EXECUTOR,
+        recompute: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
+        check_executor(executor, recompute)
         if out_features is None:
             out_features = ["linear"] if num_classes else ["res5"]
         out_features = list(out_features)
@@ -177,7 +183,8 @@ class RandWireNet(Backbone):
                 if name not in graphs:
                     raise ValueError(f"No graph spec given for randomly wired stage {name}.")
                 stage = RandWireStage(
-                    graphs[name], prev, out, norm=norm, drop_path=drop_path, executor=executor
+                    graphs[name], prev, out, norm=norm, drop_path=drop_path, executor=executor,
+                    recompute=recompute,
                 )
             self.add_module(name, stage)
             self.stage_names.append(name)
@@ -187,6 +194,8 @@ class RandWireNet(Backbone):
         if "linear" in out_features:
             self.head = ClassifierHead(prev, num_classes, head_channels=head_channels, norm=norm, dropout=dropout)
         self.freeze(freeze_at)
+        if compile:
+            self.compile()
 
     def _record(self, name: str, channels: int):
         self._out_feature_channels[name] = channels

@@ -9,13 +9,15 @@ from detectron2.layers import Conv2d, get_norm
 
 
 def drop_path_mask(num_inputs: int, batch: int, rate: float, device, generator=None) -> torch.Tensor:
-    """(num_inputs, batch) 0/1 mask that drops input edges, keeping at least one per sample."""
+    """(num_inputs, batch) 0/1 mask that drops input edges, keeping at least one per sample.
+
+    Branch-free (a sample that lost every edge keeps a random one), so torch.compile
+    traces it without a graph break.
+    """
     keep = torch.rand(num_inputs, batch, device=device, generator=generator) >= rate
-    none_kept = ~keep.any(dim=0)
-    if none_kept.any():
-        forced = torch.randint(num_inputs, (batch,), device=device, generator=generator)
-        keep[forced[none_kept], none_kept.nonzero().flatten()] = True
-    return keep
+    forced = torch.randint(num_inputs, (batch,), device=device, generator=generator)
+    rescue = F.one_hot(forced, num_inputs).t().bool() & ~keep.any(dim=0)
+    return keep | rescue
 
 
 class NodeOp(nn.Module):

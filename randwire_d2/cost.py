@@ -1,0 +1,114 @@
+"""Device-independent training cost: activations kept for backward and bytes moved.
+
+Two numbers predict what a GPU training step pays for, and neither needs a GPU:
+
+* ``saved_mb_per_img``: the unique storages that autograd packs for backward during the
+  training forward (seen through ``torch.autograd.graph.saved_tensors_hooks``), parameters
+  and buffers excluded. It is the activation memory of a step: with batch 256 it dominates
+  peak GPU memory.
+* ``traffic_mb_per_img``: the sum of the sizes of every tensor argument and result of every
+  ATen op of a training step -- forward, backward and the SGD momentum update -- (a
+  ``TorchDispatchMode``; views are free); ``traffic_fwd_bwd_mb_per_img`` without the update.
+  Depthwise
+  convolutions and element-wise ops are memory-bound on a GPU, so this is what RandWire's
+  step time follows; it is an upper bound on DRAM traffic (caches ignored).
+
+MB = 1e6 bytes. Both are exact counts for given shapes (the RNG is seeded, so DropPath's
+data-dependent branch is taken the same way every run): two runs agree exactly. Compare a
+model against ResNet-50 measured the same way (``tools/benchmark.py --cost``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["ByteCounter", "training_cost"]
+
+
+class ByteCounter(TorchDispatchMode):
+    """Sum of operand and result sizes of every ATen op run under it (views excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not getattr(func, "is_view", False):
+            for t in tree_flatten((args, kwargs or {}, out))[0]:
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+class _SavedStorages:
+    """Unique storages packed for backward, minus those of ``excluded`` (parameters, buffers)."""
+
+    def __init__(self, excluded):
+        self.excluded = excluded
+        self.sizes: Dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in self.excluded:  # packed tensors stay alive: a pointer is a storage
+            self.sizes[ptr] = storage.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
+
+
+def training_cost(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    loss_fn: Optional[Callable] = None,
+    *,
+    seed: int = 0,
+) -> Dict[str, float]:
+    """``saved_mb_per_img`` and ``traffic_mb_per_img`` of one training step of ``model``.
+
+    ``loss_fn(model_output) -> scalar``; default: cross entropy against class 0 for a dict
+    with "linear" or a tensor of logits. The model is put in training mode and takes one SGD
+    step (momentum 0.9, lr 1e-9: the first step allocates the momentum buffers, which a
+    real step reads and writes just the same); its gradients are cleared again.
+    """
+    batch = inputs.shape[0]
+    if loss_fn is None:
+        def loss_fn(out):
+            logits = out["linear"] if isinstance(out, dict) else out
+            target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            return nn.functional.cross_entropy(logits.float(), target)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-9, momentum=0.9) if params else None
+    excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved = _SavedStorages(excluded)
+    counter = ByteCounter()
+    torch.manual_seed(seed)
+    try:
+        with counter:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                loss = loss_fn(model(inputs))
+            saved_bytes = saved.bytes
+            loss.backward()
+            fwd_bwd = counter.bytes
+            if opt is not None:
+                opt.step()
+    finally:
+        model.zero_grad(set_to_none=True)
+    return {
+        "saved_mb_per_img": saved_bytes / 1e6 / batch,
+        "traffic_mb_per_img": counter.bytes / 1e6 / batch,
+        "traffic_fwd_bwd_mb_per_img": fwd_bwd / 1e6 / batch,
+    }
