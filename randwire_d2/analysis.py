@@ -8,8 +8,8 @@ Conventions (fvcore's): one multiply-add is one FLOP; convolutions, linear layer
 and batch norms (eval: 2 per element with affine) are counted, element-wise ops
 (ReLU, sigmoid, the weighted sums, pooling) are not. Activations are the output
 elements of convolutions and linear layers. Everything runs on CPU, batch 1, with the
-reference stage executor (the "batched" one has identical parameters and convolutions
-but expresses the weighted sums as matrix products, which fvcore would count).
+reference stage executor (the "lean" one has identical parameters and convolutions
+inside autograd Functions, which fvcore's tracer does not look into).
 """
 import logging
 import math
@@ -187,9 +187,8 @@ def complexity(model: nn.Module, input_size: Size = 224, *, in_channels: int = 3
 
     was_training = model.training
     model.eval()
-    # Count the reference executor (node by node): the "batched" one does the same
-    # convolutions but writes the weighted sums as matrix products, which fvcore would
-    # count as FLOPs (the paper counts them as element-wise, i.e. not at all).
+    # Count the reference executor (node by node): its plain ops are what fvcore traces;
+    # the weighted sums are element-wise, which the paper does not count either.
     executors = {}
     for m in model.modules():
         if isinstance(m, RandWireStage) and getattr(m, "executor", "reference") != "reference":

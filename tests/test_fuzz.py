@@ -47,7 +47,7 @@ def _random_case(rng, tmp_path, i):
             rng, lambda: sorted(rng.sample(STAGES, rng.randint(1, 5)), key=STAGES.index),
             [[], ["res6"], ["linear"], "res4", None, ["res4", "res4"]],
         ),
-        "EXECUTOR": _pick(rng, ["batched", "reference"], ["fast", "", None], p_bad=0.05),
+        "EXECUTOR": _pick(rng, ["lean", "reference"], ["fast", "", None, "batched"], p_bad=0.05),
     }
     if rng.random() < 0.06:  # a graph-spec file: valid, edited, or broken
         case["GRAPHS_FILE"] = _random_graphs_file(rng, tmp_path, i, case)

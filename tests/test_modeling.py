@@ -156,7 +156,7 @@ def test_small_regime_complexity_matches_paper():
 
     flops, params = [], []
     for seed in range(5):
-        # the reference executor: fvcore counts fused/batched aggregations as matmuls
+        # the reference executor: fvcore traces its plain ops (not lean's autograd Functions)
         net = tiny_net("small", channels=78, nodes=32, seed=seed, num_classes=1000, executor="reference").eval()
         counter = FlopCountAnalysis(net, torch.zeros(1, 3, 224, 224))
         counter.unsupported_ops_warnings(False)

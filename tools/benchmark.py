@@ -3,6 +3,11 @@
 
     python tools/benchmark.py --device cuda --json benchmarks/h100-2026-11-24.json
     python tools/benchmark.py --tiny --device cpu --json /tmp/bench.json     # CI size, < 60 s
+    python tools/benchmark.py --cost-only --presets regular-c109 --json benchmarks/cost.json
+
+Cost model (``randwire_d2.cost``, any device, no timing): activations kept for backward and
+bytes moved by a training step per image, for every RandWire row and ResNet-50, and their
+ratios -- the device-independent measures to steer by when no GPU is at hand.
 
 What it times
   (a) classification: a training step (forward, label-smoothing-free cross entropy, backward,
@@ -369,6 +374,10 @@ def run_classification(args, device, log):
         for executor in executors:
             cost = cost_fields(net, executor, args, device)
             log(f"# cost {meta['model']} [{executor}]: {cost}")
+            if args.cost_only:
+                rows.append(dict(meta, executor=executor, precision="fp32", status="ok",
+                                 params_m=_r(params, 3), fvcore_gflops_per_image=_r(gflops), **cost))
+                continue
             if args.compile and executor is not None:
                 net.compile()  # in place: parameter names unchanged
             for precision in args.precisions:
@@ -598,6 +607,8 @@ def parse_args(argv=None):
                     help="RandWire stage executors to time (lean+recompute: lean with RECOMPUTE)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the RandWire networks (as MODEL.RANDWIRE.COMPILE does)")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only the device-independent cost model (classification; no timing, no detection)")
     ap.add_argument("--cost-batch", type=int, default=4,
                     help="batch of the device-independent cost model (randwire_d2.cost; 0: skip)")
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"of {list(PRESETS)} (ignored with --tiny)")
@@ -672,6 +683,7 @@ def main(argv=None):
             "det_batch": args.det_batch, "det_size": list(args.det_size), "warmup": args.warmup,
             "repeats": args.repeats, "precisions": args.precisions, "executors": args.executors,
             "channels_last": args.channels_last, "compile": args.compile, "cost_batch": args.cost_batch,
+            "cost_only": args.cost_only,
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         },
@@ -684,9 +696,10 @@ def main(argv=None):
         f"torch {result['versions']['torch']}")
     if not args.skip_classification:
         log(f"# classification: batch {args.batch}, {args.image_size} px")
-        log(CLS_HEADER)
+        if not args.cost_only:
+            log(CLS_HEADER)
         result["classification"] = run_classification(args, device, log)
-    if not args.skip_detection:
+    if not args.skip_detection and not args.cost_only:
         log(f"# detection: train {args.det_batch} x {args.det_size[0]}x{args.det_size[1]}, infer 1 image")
         log(DET_HEADER)
         result["detection"] = run_detection(args, device, log)
