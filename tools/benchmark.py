@@ -526,7 +526,7 @@ DET_HEADER = (f"{'detection':22s} {'executor':9s} {'prec':5s} {'train ms/it':>10
 
 def ratios(cls_rows, det_rows):
     out = []
-    ok = [r for r in cls_rows if r.get("status") == "ok"]
+    ok = [r for r in cls_rows if r.get("status") == "ok" and r.get("train_img_s")]
     base = {r["precision"]: r for r in ok if r["model"] == "resnet50"}
     target = "regular-c109" if any(r["preset"] == "regular-c109" for r in ok) else None
     for r in ok:
