@@ -30,7 +30,7 @@ def result(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--tiny", "--device", "cpu",
          "--executors", "lean,reference", "--json", str(path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(path) as f:
