@@ -68,15 +68,25 @@ def _detection_num_classes(cfg) -> Optional[int]:
 
 def load_detection_train_dicts(cfg) -> List[Dict]:
     """detectron2's training dicts (same filtering as its loader), then our checks."""
+    return detection_train_dicts(
+        cfg.DATASETS.TRAIN,
+        num_classes=_detection_num_classes(cfg),
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+
+
+def detection_train_dicts(
+    names, *, num_classes: Optional[int], filter_empty: bool = True, min_keypoints: int = 0, proposal_files=None
+) -> List[Dict]:
+    """:func:`load_detection_train_dicts` with explicit arguments (LazyConfig data configs)."""
     from detectron2.data import get_detection_dataset_dicts
 
-    names = list(cfg.DATASETS.TRAIN)
+    names = [names] if isinstance(names, str) else list(names)
     try:
         dicts = get_detection_dataset_dicts(
-            names,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+            names, filter_empty=filter_empty, min_keypoints=min_keypoints, proposal_files=proposal_files
         )
     except DataError:
         raise
@@ -88,11 +98,10 @@ def load_detection_train_dicts(cfg) -> List[Dict]:
             + (f" (annotation file(s) {files})" if files else "")
             + f": {type(exc).__name__}: {exc}"
         ) from exc
-    num_classes = _detection_num_classes(cfg)
     dicts, _ = sanitize_detection_dicts(
         dicts,
         num_classes if num_classes is not None else 2**31,
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        filter_empty=filter_empty,
         dataset_names=names,
     )
     if not dicts:

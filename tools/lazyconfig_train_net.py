@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Train or evaluate with LazyConfig (python) configs: detectron2's tools/lazyconfig_train_net.py
+with RandWire checkpoints and exact resume.
+
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/demo/randwire_frcnn_demo.py
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/randwire_frcnn.py --num-gpus 8 --resume
+    python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final.pth
+
+The config has detectron2's layout (configs/lazy/common/train.py): ``model``,
+``dataloader.{train,test,evaluator}``, ``optimizer`` (``params.model`` is set here),
+``lr_multiplier`` and ``train``, plus ``train.seed``. Trailing ``key=value`` overrides.
+Differences from detectron2's script, as in tools/train_net.py:
+
+* checkpoints are written by ``RandWireCheckpointer`` (graph specs in every checkpoint,
+  atomic writes, weights trained on other graphs refused);
+* with a ``ResumableTrainLoader`` (configs/lazy/common/data) and ``train.seed``, ``--resume``
+  continues exactly as an uninterrupted run (``ExactResumeHook``: data stream position,
+  per-step RNG seeds, smoothed-metric history);
+* CPU runs (``train.device=cpu``, ``--num-gpus N`` CPU processes over gloo), AMP turned off
+  off CUDA, and the final metrics written to ``train.output_dir/final_metrics.json``.
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import randwire_d2  # noqa: E402,F401  (registers datasets and components)
+import torch  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.engine import (  # noqa: E402
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+)
+from detectron2.engine.defaults import create_ddp_model  # noqa: E402
+from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
+from randwire_d2.data.resumable import ResumableTrainLoader  # noqa: E402
+from randwire_d2.engine import ExactResumeHook, _ddp_for_cpu_models, write_results  # noqa: E402
+from randwire_d2.launch import launch  # noqa: E402
+
+logger = logging.getLogger("randwire_d2")
+
+
+def load_config(config_file: str, opts=()):
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r} does not exist.")
+    if not config_file.endswith(".py"):
+        raise ValueError(
+            f"--config-file {config_file!r} is not a LazyConfig (.py) file: yaml configs go to tools/train_net.py."
+        )
+    cfg = LazyConfig.load(config_file)
+    return LazyConfig.apply_overrides(cfg, list(opts))
+
+
+def check_train_settings(cfg, resume: bool = False) -> None:
+    """The yaml path's checks (randwire_d2.engine.check_run_settings) on train.*."""
+    device = str(cfg.train.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device = {device!r} but no CUDA device is available: add train.device=cpu.")
+    weights = cfg.train.init_checkpoint
+    resuming = resume and os.path.isfile(os.path.join(cfg.train.output_dir, "last_checkpoint"))
+    if weights and "://" not in weights and not os.path.isfile(weights) and not resuming:
+        raise ValueError(
+            f"train.init_checkpoint = {weights!r}: no such file. Pretrain with configs/lazy/imagenet/*.py and "
+            'convert with tools/convert_pretrained.py, or pass train.init_checkpoint="" to train from scratch.'
+        )
+    if cfg.train.amp.enabled and not device.startswith("cuda"):
+        # detectron2's AMPTrainer requires CUDA; keep the run going in fp32
+        logger.warning("train.amp.enabled is set but train.device is not CUDA: training in fp32.")
+        cfg.train.amp.enabled = False
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    if comm.is_main_process() and results:
+        print_csv_format(results)
+        write_results(cfg.train.output_dir, results)
+    return results
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info(f"Model:\n{model}")
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    with _ddp_for_cpu_models():
+        model = create_ddp_model(model, **cfg.train.ddp)
+    trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
+    trainer = trainer_cls(model=model, data_loader=train_loader, optimizer=optim)
+    checkpointer = RandWireCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    if isinstance(train_loader, ResumableTrainLoader):
+        resume_hook = ExactResumeHook(loader=train_loader)
+    else:
+        logger.warning("dataloader.train is not a ResumableTrainLoader: resuming is not exact.")
+        resume_hook = ExactResumeHook(seed=cfg.train.seed)
+    trainer.register_hooks(
+        [
+            resume_hook,
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # the checkpoint stores the iteration that just finished
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if isinstance(train_loader, ResumableTrainLoader):
+        train_loader.start_iter = start_iter
+        if start_iter:
+            logger.info(f"Training data resumes at global batch {start_iter} (seed {train_loader.seed}).")
+    trainer.train(start_iter, cfg.train.max_iter)
+    return trainer
+
+
+def main(args):
+    cfg = load_config(args.config_file, args.opts)
+    check_train_settings(cfg, resume=args.resume)
+    default_setup(cfg, args)  # also seeds the RNGs from train.seed (random if < 0)
+    if cfg.train.get("seed", -1) < 0:  # one random data-stream seed for all processes
+        cfg.train.seed = int(comm.shared_random_seed())
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        with _ddp_for_cpu_models():
+            model = create_ddp_model(model)
+        RandWireCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+            cfg.train.init_checkpoint, resume=args.resume
+        )
+        return do_test(cfg, model)
+    do_train(args, cfg)
+    return None
+
+
+def launch_from_args(args):
+    # read the config once here: a bad file or override fails before any process starts,
+    # and train.device picks the backend (NCCL on GPUs, gloo on CPU)
+    device = load_config(args.config_file, args.opts).train.device
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        device=device,
+    )
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    try:
+        launch_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:  # ours name the key, file or value
+        if os.environ.get("RANDWIRE_DEBUG"):
+            raise
+        sys.exit(f"error: {exc}\n(set RANDWIRE_DEBUG=1 for the traceback)")
