@@ -66,6 +66,21 @@ def _detection_num_classes(cfg) -> Optional[int]:
     return int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
 
+
+def builtin_dataset_hint(exc: BaseException) -> str:
+    """For a file missing under detectron2's builtin-dataset root: where that root comes from."""
+    missing = getattr(exc, "filename", None)
+    env = os.environ.get("DETECTRON2_DATASETS")
+    root = os.path.abspath(os.path.expanduser(env or "datasets"))
+    if not missing or not os.path.abspath(str(missing)).startswith(root + os.sep):
+        return ""
+    now = f"DETECTRON2_DATASETS={env!r}" if env else "DETECTRON2_DATASETS is unset, so ./datasets"
+    return (
+        f" detectron2 reads its builtin datasets (coco_2017_*, lvis_*, voc_*, ...) from $DETECTRON2_DATASETS "
+        f"({now}) in its layout (coco/annotations/instances_val2017.json, coco/val2017/, ...): "
+        "export DETECTRON2_DATASETS=/path/to/datasets before starting."
+    )
+
 def load_detection_train_dicts(cfg) -> List[Dict]:
     """detectron2's training dicts (same filtering as its loader), then our checks."""
     return detection_train_dicts(
@@ -97,6 +112,7 @@ def detection_train_dicts(
             f"Cannot load training dataset(s) {names}"
             + (f" (annotation file(s) {files})" if files else "")
             + f": {type(exc).__name__}: {exc}"
+            + builtin_dataset_hint(exc)
         ) from exc
     dicts, _ = sanitize_detection_dicts(
         dicts,
@@ -285,7 +301,13 @@ class Trainer(DefaultTrainer):
             return build_classification_test_loader(cfg, dataset_name)
         from detectron2.data import build_detection_test_loader
 
-        return build_detection_test_loader(cfg, dataset_name, mapper=SafeDatasetMapper(cfg, False))
+        try:
+            return build_detection_test_loader(cfg, dataset_name, mapper=SafeDatasetMapper(cfg, False))
+        except FileNotFoundError as exc:
+            hint = builtin_dataset_hint(exc)
+            if hint:
+                raise FileNotFoundError(f"Dataset {dataset_name!r}: {exc}.{hint}") from exc
+            raise
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -200,3 +200,14 @@ def test_lazy_tool_refuses_yaml_and_missing_weights(tmp_path):
     )
     with pytest.raises(ValueError, match="train.init_checkpoint = 'pretrained/randwire_ws_regular_c109.pkl'"):
         lazyconfig_train_net.check_train_settings(cfg)
+
+
+def test_lazy_override_of_a_missing_key_is_refused():
+    demo = os.path.join(REPO, "configs/lazy/demo/randwire_frcnn_demo.py")
+    with pytest.raises(KeyError, match=r"Non-existent config key: train.max_iterr .*'max_iter'"):
+        lazyconfig_train_net.load_config(demo, ["train.max_iterr=5"])
+    with pytest.raises(KeyError, match="model.roi_heads.box_predictor.test_nms"):
+        lazyconfig_train_net.load_config(demo, ["model.roi_heads.box_predictor.test_nms=0.3"])
+    # an optional constructor argument the config leaves at its default may be set
+    cfg = lazyconfig_train_net.load_config(demo, ["model.proposal_generator.min_box_size=2", "train.max_iter=7"])
+    assert cfg.model.proposal_generator.min_box_size == 2 and cfg.train.max_iter == 7

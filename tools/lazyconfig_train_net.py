@@ -19,6 +19,7 @@ Differences from detectron2's script, as in tools/train_net.py:
 * CPU runs (``train.device=cpu``, ``--num-gpus N`` CPU processes over gloo), AMP turned off
   off CUDA, and the final metrics written to ``train.output_dir/final_metrics.json``.
 """
+import inspect
 import logging
 import os
 import sys
@@ -39,12 +40,53 @@ from detectron2.engine import (  # noqa: E402
 from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.registry import locate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
 from randwire_d2.data.resumable import ResumableTrainLoader  # noqa: E402
-from randwire_d2.engine import ExactResumeHook, _ddp_for_cpu_models, write_results  # noqa: E402
+from randwire_d2.engine import (  # noqa: E402
+    ExactResumeHook,
+    _ddp_for_cpu_models,
+    builtin_dataset_hint,
+    write_results,
+)
 from randwire_d2.launch import launch  # noqa: E402
 
 logger = logging.getLogger("randwire_d2")
+
+
+_ABSENT = object()
+
+
+def _takes_argument(target, name: str) -> bool:
+    """Whether a LazyCall target (callable or its dotted name) has a parameter ``name``."""
+    try:
+        target = locate(target) if isinstance(target, str) else target
+        params = inspect.signature(target).parameters.values()
+    except Exception:  # cannot tell: let instantiate() decide
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_override_keys(cfg, overrides) -> None:
+    """Refuse ``key=value`` overrides of keys the config does not have (OmegaConf would add
+    them silently, so a typo would change nothing); a LazyCall's omitted optional
+    arguments (parameters of its target) may be set."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key or key[0] in "+~":  # hydra's explicit add / delete
+            continue
+        if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False) is not _ABSENT:
+            continue
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_resolution_failure=False) if parent_key else cfg
+        if OmegaConf.is_dict(parent) and "_target_" in parent and _takes_argument(parent["_target_"], leaf):
+            continue
+        known = sorted(k for k in parent.keys() if k != "_target_") if OmegaConf.is_dict(parent) else []
+        raise KeyError(
+            f"Non-existent config key: {key} (command-line override {item!r})"
+            + (f"; {parent_key or 'the config'} has {known}" if known else "")
+        )
 
 
 def load_config(config_file: str, opts=()):
@@ -55,6 +97,7 @@ def load_config(config_file: str, opts=()):
             f"--config-file {config_file!r} is not a LazyConfig (.py) file: yaml configs go to tools/train_net.py."
         )
     cfg = LazyConfig.load(config_file)
+    check_override_keys(cfg, opts)
     return LazyConfig.apply_overrides(cfg, list(opts))
 
 
@@ -79,9 +122,14 @@ def check_train_settings(cfg, resume: bool = False) -> None:
 def do_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    try:
+        test_loader = instantiate(cfg.dataloader.test)
+    except FileNotFoundError as exc:
+        hint = builtin_dataset_hint(exc)
+        if hint:
+            raise FileNotFoundError(f"dataloader.test: {exc}.{hint}") from exc
+        raise
+    results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process() and results:
         print_csv_format(results)
         write_results(cfg.train.output_dir, results)
@@ -172,7 +220,7 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     try:
         launch_from_args(args)
-    except (ValueError, FileNotFoundError) as exc:  # ours name the key, file or value
-        if os.environ.get("RANDWIRE_DEBUG"):
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # ours name the key, file or value
+        if os.environ.get("RANDWIRE_DEBUG") or (isinstance(exc, KeyError) and "Non-existent" not in str(exc)):
             raise
         sys.exit(f"error: {exc}\n(set RANDWIRE_DEBUG=1 for the traceback)")
