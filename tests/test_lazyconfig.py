@@ -200,6 +200,11 @@ def test_lazy_tool_refuses_yaml_and_missing_weights(tmp_path):
     )
     with pytest.raises(ValueError, match="train.init_checkpoint = 'pretrained/randwire_ws_regular_c109.pkl'"):
         lazyconfig_train_net.check_train_settings(cfg)
+    cfg.train.init_checkpoint = ""  # from scratch with the pretrained config's FrozenBN
+    with pytest.raises(ValueError, match=r"model.backbone.bottom_up.norm = 'FrozenBN' with no train.init_checkpoint"):
+        lazyconfig_train_net.check_train_settings(cfg)
+    cfg.model.backbone.bottom_up.norm = "BN"
+    lazyconfig_train_net.check_train_settings(cfg)
 
 
 def test_lazy_override_of_a_missing_key_is_refused():

@@ -51,6 +51,7 @@ from randwire_d2.engine import (  # noqa: E402
     write_results,
 )
 from randwire_d2.launch import launch  # noqa: E402
+from randwire_d2.modeling import RandWireNet  # noqa: E402
 
 logger = logging.getLogger("randwire_d2")
 
@@ -101,6 +102,16 @@ def load_config(config_file: str, opts=()):
     return LazyConfig.apply_overrides(cfg, list(opts))
 
 
+def _randwire_nets(node, path="model"):
+    """(path, config) of every L(RandWireNet)(...) in a model config."""
+    if OmegaConf.is_dict(node):
+        target = node.get("_target_")
+        if target is RandWireNet or target == f"{RandWireNet.__module__}.{RandWireNet.__name__}":
+            yield path, node
+        for key, value in node.items_ex(resolve=False):
+            yield from _randwire_nets(value, f"{path}.{key}")
+
+
 def check_train_settings(cfg, resume: bool = False) -> None:
     """The yaml path's checks (randwire_d2.engine.check_run_settings) on train.*."""
     device = str(cfg.train.device)
@@ -113,6 +124,14 @@ def check_train_settings(cfg, resume: bool = False) -> None:
             f"train.init_checkpoint = {weights!r}: no such file. Pretrain with configs/lazy/imagenet/*.py and "
             'convert with tools/convert_pretrained.py, or pass train.init_checkpoint="" to train from scratch.'
         )
+    if not weights:
+        for path, net in _randwire_nets(cfg.model):
+            if net.get("norm") == "FrozenBN":
+                raise ValueError(
+                    f"{path}.norm = 'FrozenBN' with no train.init_checkpoint freezes randomly initialised "
+                    f"statistics: to train from scratch set {path}.norm to 'BN', 'SyncBN' or 'GN' and "
+                    f"{path}.freeze_at=0."
+                )
     if cfg.train.amp.enabled and not device.startswith("cuda"):
         # detectron2's AMPTrainer requires CUDA; keep the run going in fp32
         logger.warning("train.amp.enabled is set but train.device is not CUDA: training in fp32.")
