@@ -20,7 +20,7 @@ from torch import nn
 
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-__all__ = ["NO_DECAY_SUFFIXES", "NORM_TYPES", "build_optimizer", "param_groups", "resolve_schedule"]
+__all__ = ["NO_DECAY_SUFFIXES", "NORM_TYPES", "build_optimizer", "optimizer_param_groups", "param_groups", "resolve_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +83,28 @@ def param_groups(
     return list(groups.values())
 
 
+def optimizer_param_groups(
+    model: nn.Module, *, base_lr: float, weight_decay: float, weight_decay_norm: float = 0.0, bias_lr_factor: float = 1.0
+) -> List[Dict]:
+    """:func:`param_groups` ready for a torch optimizer (no "names"); refuses an all-frozen
+    model. The LazyConfig optimizers' ``params`` (``model`` set by the training script)."""
+    groups = param_groups(model, base_lr, weight_decay, weight_decay_norm, bias_lr_factor)
+    if not groups:
+        raise ValueError("The model has no trainable parameters (everything frozen?).")
+    for g in groups:
+        g.pop("names")
+    return groups
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """SGD + momentum with weight decay only where it belongs (see module docstring)."""
-    groups = param_groups(
+    groups = optimizer_param_groups(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
     )
-    if not groups:
-        raise ValueError("The model has no trainable parameters (everything frozen?).")
-    for g in groups:
-        g.pop("names")
     name = cfg.SOLVER.get("OPTIMIZER", "SGD")
     if name == "SGD":
         optim, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}

@@ -99,6 +99,42 @@ def test_detectron2_self_check(capsys):
     assert "self-check: OK" in capsys.readouterr().out
 
 
+
+def _fake_detectron2(root: Path, model_zoo_init: str, with_configs: bool) -> None:
+    # the packages the self-check imports, empty; model_zoo as upstream HEAD ships it
+    for pkg in ("", "modeling", "data", "engine", "evaluation", "checkpoint"):
+        _write(root, "/".join(filter(None, ("detectron2", pkg, "__init__.py"))), "")
+    _write(root, "detectron2/model_zoo/__init__.py", model_zoo_init)
+    if with_configs:
+        _write(root, "detectron2/model_zoo/configs/COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", "VERSION: 2\n")
+    _write(root, "detectron2-0.6.dist-info/METADATA", "Metadata-Version: 2.1\nName: detectron2\nVersion: 0.6\n")
+
+
+def test_self_check_warns_with_fix_when_head_model_zoo_needs_pkg_resources(tmp_path, monkeypatch, capsys):
+    # upstream HEAD + setuptools >= 81: detectron2.model_zoo raises on import; set-up must go on
+    no_pkg_resources = "raise ModuleNotFoundError(\"No module named 'pkg_resources'\", name='pkg_resources')\n"
+    _fake_detectron2(tmp_path, no_pkg_resources, with_configs=True)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    warnings = inst.self_check()
+    out = capsys.readouterr().out
+    assert "self-check: OK" in out and str(tmp_path) in out
+    assert len(warnings) == 1 and "setuptools<81" in warnings[0] and "does not need it" in warnings[0]
+
+
+def test_self_check_warns_when_model_zoo_configs_are_missing(tmp_path, monkeypatch):
+    _fake_detectron2(tmp_path, "", with_configs=False)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    warnings = inst.self_check()
+    assert len(warnings) == 1 and "faster_rcnn_R_50_FPN_1x.yaml" in warnings[0] and "benchmark" in warnings[0]
+
+
+def test_self_check_fails_when_a_required_package_does_not_import(tmp_path, monkeypatch):
+    _fake_detectron2(tmp_path, "", with_configs=True)
+    _write(tmp_path, "detectron2/engine/__init__.py", "raise ImportError('broken engine')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(inst.InstallError, match="broken engine"):
+        inst.self_check()
+
 def test_pip_show_detectron2():
     out = subprocess.run(
         [sys.executable, "-m", "pip", "show", "detectron2"], capture_output=True, text=True, check=True

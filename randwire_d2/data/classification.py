@@ -457,11 +457,11 @@ def batch_collator(batch: List[Dict]) -> List[Dict]:
     return out
 
 
-def _loader_kwargs(cfg, num_workers: int) -> Dict:
+def _loader_kwargs(num_workers: int, prefetch_factor: int) -> Dict:
     kwargs = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available()}
     if num_workers > 0:
         kwargs["persistent_workers"] = True
-        kwargs["prefetch_factor"] = max(2, int(cfg.DATALOADER.get("CLS_PREFETCH_FACTOR", 2)))
+        kwargs["prefetch_factor"] = max(2, int(prefetch_factor))
     return kwargs
 
 
@@ -474,13 +474,29 @@ def build_classification_train_loader(cfg, mapper=None):
     are stacked in the workers (:func:`batch_collator`). Aspect-ratio grouping is
     pointless for fixed-size crops and is not used.
     """
-    set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
-    kwargs = _loader_kwargs(cfg, cfg.DATALOADER.NUM_WORKERS)
-    return ResumableTrainLoader(
-        classification_dicts(cfg.DATASETS.TRAIN),
+    return classification_train_loader(
+        cfg.DATASETS.TRAIN,
         mapper if mapper is not None else ClassificationDatasetMapper(cfg, True),
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         seed=training_seed(cfg),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        prefetch_factor=cfg.DATALOADER.get("CLS_PREFETCH_FACTOR", 2),
+        imagenet_root=cfg.DATASETS.get("IMAGENET_ROOT", ""),
+    )
+
+
+def classification_train_loader(
+    names, mapper, *, total_batch_size: int, seed: int, num_workers: int = 0, prefetch_factor: int = 2,
+    imagenet_root: str = "",
+):
+    """:func:`build_classification_train_loader` with explicit arguments (LazyConfig)."""
+    set_imagenet_root(imagenet_root)
+    kwargs = _loader_kwargs(num_workers, prefetch_factor)
+    return ResumableTrainLoader(
+        classification_dicts(names),
+        mapper,
+        total_batch_size=total_batch_size,
+        seed=seed,
         num_workers=kwargs.pop("num_workers"),
         collate_fn=batch_collator,
         loader_kwargs=kwargs,
@@ -491,19 +507,30 @@ def build_classification_test_loader(cfg, dataset_name, mapper=None):
     """Loader over every image of ``dataset_name`` exactly once across processes
     (detectron2's ``InferenceSampler``), ``TEST.IMS_PER_BATCH`` images per process and
     batch (v0.6's ``build_detection_test_loader`` is fixed at 1)."""
-    set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
-    dicts = classification_dicts(dataset_name)
-    if mapper is None:
-        mapper = ClassificationDatasetMapper(cfg, False)
-    batch = int(cfg.TEST.get("IMS_PER_BATCH", 1))
-    if batch <= 0:
-        raise ValueError(f"TEST.IMS_PER_BATCH must be positive, got {batch}.")
+    return classification_test_loader(
+        dataset_name,
+        mapper if mapper is not None else ClassificationDatasetMapper(cfg, False),
+        batch_size=int(cfg.TEST.get("IMS_PER_BATCH", 1)),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        prefetch_factor=cfg.DATALOADER.get("CLS_PREFETCH_FACTOR", 2),
+        imagenet_root=cfg.DATASETS.get("IMAGENET_ROOT", ""),
+    )
+
+
+def classification_test_loader(
+    names, mapper, *, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2, imagenet_root: str = ""
+):
+    """:func:`build_classification_test_loader` with explicit arguments (LazyConfig)."""
+    set_imagenet_root(imagenet_root)
+    dicts = classification_dicts(names)
+    if batch_size <= 0:
+        raise ValueError(f"TEST.IMS_PER_BATCH must be positive, got {batch_size}.")
     dataset = MapDataset(DatasetFromList(dicts, copy=False), mapper)
-    kwargs = _loader_kwargs(cfg, cfg.DATALOADER.NUM_WORKERS)
+    kwargs = _loader_kwargs(num_workers, prefetch_factor)
     kwargs.pop("persistent_workers", None)  # evaluation is periodic: don't pin workers in between
     return torchdata.DataLoader(
         dataset,
-        batch_size=batch,
+        batch_size=batch_size,
         sampler=InferenceSampler(len(dataset)),
         drop_last=False,
         collate_fn=batch_collator,
