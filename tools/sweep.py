@@ -72,6 +72,9 @@ def parse_args(argv=None):
     cut_s = next((i for i, s in enumerate(seeds) if not re.fullmatch(r"[\d,\-\s]+", s)), len(seeds))
     args.opts = gens[cut:] + seeds[cut_s:] + list(args.opts)
     args.generators, args.seeds = gens[:cut], seeds[:cut_s]
+    flags = [o for o in args.opts if str(o).startswith("--")]
+    if flags:
+        parser.error(f"{flags}: options go before the trailing KEY VALUE config overrides")
     if not args.seeds:
         parser.error(f"--seeds: {seeds[0]!r} is not a seed or range (e.g. 0-4, 0,3,7)")
     if not args.generators:
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
     unfinished = {k: v for k, v in sweep["counts"].items() if k != "finished"}
     if unfinished:
         print("[sweep] not finished: " + ", ".join(f"{v} {k}" for k, v in sorted(unfinished.items()))
-              + (" (rerun with --resume to continue interrupted/failed runs)" if not args.resume else ""))
+              + (" (rerun with --resume to continue the interrupted/failed ones)"
+                 if not args.resume and ({"interrupted", "failed"} & set(unfinished)) else ""))
         return 1
     return 0
 

@@ -211,7 +211,10 @@ def make_executor(folder: str, cluster: str, params: dict):
         raise ValueError(
             "--launcher slurm needs submitit: pip install submitit (or pip install -e '.[slurm]')."
         ) from None
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as exc:  # e.g. no srun on this machine
+        raise ValueError(f"--launcher slurm: {exc} (run tools/sweep.py on a SLURM login node)") from None
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return executor
 
