@@ -88,8 +88,25 @@ def test_cli_splits_trailing_opts_and_refuses_sweep_keys(tiny_opts, tmp_path):
     assert args.generators == ["WS(4,0.75)", "ER(0.2)"] and args.opts == ["SOLVER.MAX_ITER", "5"]
     args = tool.parse_args(["--config-file", CONFIG, "--generators", "BA(2)", "--seeds", "0-1", "SEED", "3"])
     assert args.seeds == ["0-1"] and args.opts == ["SEED", "3"]
+    # per-run placeholders: each seed fine-tunes its own pretrained backbone
+    plan = SweepPlan.create(CONFIG, tiny_opts + ["MODEL.WEIGHTS", "pre/{generator}/seed{seed}/model_final.pth"],
+                            ["BA(2)"], ["3"], str(tmp_path))
+    opts = plan.run_opts(plan.runs[0])
+    assert opts[opts.index("MODEL.WEIGHTS") + 1] == "pre/BA_m2/seed3/model_final.pth"
     with pytest.raises(ValueError, match=r"\['MODEL.RANDWIRE.SEED'\] are set by the sweep"):
         SweepPlan.create(CONFIG, tiny_opts + ["MODEL.RANDWIRE.SEED", "1"], ["WS"], ["0"], str(tmp_path))
+
+
+def test_cpu_threads_share_the_cores(monkeypatch):
+    from randwire_d2.sweep import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads("cpu", 1, 1) == cores
+    assert cpu_threads("cpu", 2, 2) == max(1, cores // 4)
+    assert cpu_threads("cuda", 2, 1) is None  # GPU runs keep torch's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads("cpu", 2, 1) is None  # the user's setting wins
 
 
 def test_config_hash_mismatch_refused(tiny_opts, tmp_path):

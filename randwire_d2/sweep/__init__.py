@@ -25,8 +25,8 @@ from .report import flatten_metrics, format_tables, make_figures, pick_metric, r
 from .runner import LOG_FILE, STATUS_FILE, make_executor, process_alive, read_status, run_local, run_submitit, write_status
 
 __all__ = [
-    "SWEEP_CONFIG", "SWEEP_JSON", "SWEEP_MD", "Generator", "LaunchOptions", "Run", "SweepPlan",
-    "collect", "flatten_metrics", "is_generator_text", "parse_generator", "parse_seeds", "run_sweep",
+    "LOG_FILE", "STATUS_FILE", "SWEEP_CONFIG", "SWEEP_JSON", "SWEEP_MD", "Generator", "LaunchOptions", "Run", "SweepPlan",
+    "collect", "cpu_threads", "flatten_metrics", "is_generator_text", "parse_generator", "parse_seeds", "run_sweep",
     "run_states", "task_for",
 ]
 
@@ -131,7 +131,18 @@ def run_states(plan: SweepPlan, config_hash: str, launcher: str = "local", clust
     return states
 
 
-def task_for(plan: SweepPlan, run: Run, config_hash: str, num_gpus: int, resume: bool) -> dict:
+def cpu_threads(device: str, parallel: int, num_gpus: int) -> Optional[int]:
+    """Intra-op threads per CPU training process so that ``parallel`` trainings of
+    ``num_gpus`` processes share the cores instead of oversubscribing them (which
+    slows CPU training down several-fold); None on GPUs or when OMP_NUM_THREADS is set."""
+    if str(device).startswith("cuda") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, parallel * num_gpus))
+
+
+def task_for(plan: SweepPlan, run: Run, config_hash: str, num_gpus: int, resume: bool,
+             threads: Optional[int] = None) -> dict:
     """The picklable description of one training (what a local thread or a SLURM job runs)."""
     from .runner import TRAIN_NET
 
@@ -144,6 +155,7 @@ def task_for(plan: SweepPlan, run: Run, config_hash: str, num_gpus: int, resume:
     return {
         "name": run.name, "cmd": cmd, "cwd": os.getcwd(), "output_dir": run.output_dir,
         "config_hash": config_hash, "generator": run.generator.label, "seed": run.seed, "resume": bool(resume),
+        "env": {"OMP_NUM_THREADS": str(threads)} if threads else {},
     }
 
 
@@ -182,9 +194,13 @@ def collect(plan: SweepPlan, config_hash: str, states: Dict[str, str], metric: O
         if states[run.name] == "finished":
             record["metrics"] = read_metrics(run.output_dir)
             if status.get("analysis", {}).get("config_hash") != config_hash:
-                status["analysis"] = dict(_analysis(plan, run), config_hash=config_hash)
-                write_status(run.output_dir, status)
-            record.update({k: v for k, v in status["analysis"].items() if k != "config_hash"})
+                try:
+                    status["analysis"] = dict(_analysis(plan, run), config_hash=config_hash)
+                    write_status(run.output_dir, status)
+                except Exception as exc:  # keep the run's metrics; say why its counts are missing
+                    record["analysis_error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"[sweep] {run.name}: params/FLOPs not counted: {record['analysis_error']}", file=sys.stderr)
+            record.update({k: v for k, v in status.get("analysis", {}).items() if k != "config_hash"})
         records.append(record)
     metric = pick_metric(records, metric)
     labels = [g.label for g in plan.generators]
@@ -253,9 +269,11 @@ def run_sweep(plan: SweepPlan, options: LaunchOptions = None, metric: Optional[s
         if retry and not options.resume:
             log(f"[sweep] not restarting {len(retry)} interrupted/failed run(s) ({', '.join(retry)}): "
                 "rerun with --resume to continue them from their last checkpoints.")
-        tasks = [task_for(plan, by_name[n], config_hash, options.num_gpus, resume=False) for n in start]
-        if options.resume:
-            tasks += [task_for(plan, by_name[n], config_hash, options.num_gpus, resume=True) for n in retry]
+        threads = None
+        if options.launcher == "local":
+            threads = cpu_threads(plan.base_cfg().MODEL.DEVICE, options.parallel, options.num_gpus)
+        names = start + (retry if options.resume else [])
+        tasks = [task_for(plan, by_name[n], config_hash, options.num_gpus, n in retry, threads) for n in names]
         if tasks and not options.collect_only:
             log(f"[sweep] starting {len(tasks)} training(s) with --launcher {options.launcher}"
                 + (f" ({options.parallel} at a time)" if options.launcher == "local" else ""))

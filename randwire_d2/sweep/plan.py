@@ -223,8 +223,13 @@ class SweepPlan:
         return setup_cfg(self.config_file, self.opts)
 
     def run_opts(self, run: Run) -> List[str]:
-        """The KEY VALUE opts of one run (after the base opts)."""
-        opts = list(self.opts) + ["OUTPUT_DIR", run.output_dir] + run.generator.opts()
+        """The KEY VALUE opts of one run: the base opts with ``{generator}`` / ``{seed}``
+        filled in (e.g. MODEL.WEIGHTS of each seed's own pretrained backbone), then the
+        run's OUTPUT_DIR, generator and seeds."""
+        def fill(value: str) -> str:
+            return value.replace("{generator}", run.generator.slug).replace("{seed}", str(run.seed))
+
+        opts = [fill(o) for o in self.opts] + ["OUTPUT_DIR", run.output_dir] + run.generator.opts()
         opts += ["MODEL.RANDWIRE.SEED", str(run.seed)]
         if not self.fixed_training_seed:
             opts += ["SEED", str(run.seed)]

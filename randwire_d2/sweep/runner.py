@@ -108,7 +108,7 @@ def execute_task(task: dict, register: Callable[[subprocess.Popen], None] = None
     attempt = {
         "started": _now(), "resume": bool(task["resume"]), "host": socket.gethostname(),
         "controller_pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "command": shlex.join(task["cmd"]),
+        "command": shlex.join(task["cmd"]), "env": task.get("env", {}),
     }
     status["attempts"].append(attempt)
     status["status"] = "running"
@@ -117,8 +117,9 @@ def execute_task(task: dict, register: Callable[[subprocess.Popen], None] = None
     with open(os.path.join(out, LOG_FILE), "a") as log:
         log.write(f"\n[{_now()}] $ {attempt['command']}\n")
         log.flush()
+        env = dict(os.environ, **task.get("env", {}))
         proc = subprocess.Popen(task["cmd"], cwd=task["cwd"], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                env=env, start_new_session=True)
         attempt["pid"] = proc.pid
         write_status(out, status)
         if register is not None:
