@@ -206,18 +206,20 @@ def plot_metric_vs_flops(sweep: dict, path: str) -> str:
     metric, records, labels = sweep["metric"], sweep["runs"], list(sweep["summary"])
     fig = Figure(figsize=(6.0, 4.2))
     ax = fig.subplots()
+    top = max((r.get("flops") or 0 for r in records), default=0)
+    unit, scale = next(((u, s) for u, s in (("G", 1e9), ("M", 1e6)) if top >= s), ("K", 1e3))
     for label, color in zip(labels, _colors(len(labels))):
         runs = [r for r in _done(records, label, metric) if r.get("flops")]
         if not runs:
             continue
-        xs = [r["flops"] / 1e6 for r in runs]
+        xs = [r["flops"] / scale for r in runs]
         ys = [r["metrics"][metric] for r in runs]
         ax.scatter(xs, ys, s=24, color=color, alpha=0.6, label=f"{label} (seeds)")
         if len(runs) > 1:
             ax.errorbar([statistics.mean(xs)], [statistics.mean(ys)], xerr=[statistics.stdev(xs)],
                         yerr=[statistics.stdev(ys)], fmt="D", color=color, mec="black", ms=6, capsize=4,
                         label=f"{label} mean ± std")
-    ax.set_xlabel(f"FLOPs (M multiply-adds, {sweep.get('flops_note', 'fvcore')})")
+    ax.set_xlabel(f"FLOPs ({unit} multiply-adds; {sweep.get('flops_note', 'fvcore')})")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs FLOPs", fontsize=9)
     ax.grid(alpha=0.3)
