@@ -81,6 +81,24 @@ def test_parse_generators_and_seeds():
         parse_seeds(["3-1"])
 
 
+def test_metrics_of_detection_and_several_test_sets():
+    from randwire_d2.sweep.report import pick_metric, summarize_runs
+
+    single = {"bbox": {"AP": 40.0, "AP50": 60.0, "APs": float("nan")}}
+    assert flatten_metrics(single) == {"bbox/AP": 40.0, "bbox/AP50": 60.0, "bbox/APs": None}
+    nested = {"coco_val": {"bbox": {"AP": 40.0}}, "voc_test": {"bbox": {"AP": 55.0, "APm": None}}}
+    assert flatten_metrics(nested) == {"coco_val/bbox/AP": 40.0, "voc_test/bbox/AP": 55.0, "voc_test/bbox/APm": None}
+    runs = [{"generator": "ER(0.2)", "seed": s, "status": "finished", "metrics": flatten_metrics(single)}
+            for s in (0, 1)]
+    assert pick_metric(runs) == "bbox/AP"
+    assert pick_metric([{"metrics": flatten_metrics(nested)}]) == "coco_val/bbox/AP"
+    with pytest.raises(ValueError, match="--metric 'top1' is not among"):
+        pick_metric(runs, "top1")
+    stats = summarize_runs(runs, ["ER(0.2)"])["ER(0.2)"]["metrics"]
+    assert stats["bbox/AP"] == {"mean": 40.0, "std": 0.0, "min": 40.0, "max": 40.0, "n": 2}
+    assert stats["bbox/APs"]["n"] == 0  # NaN is no value, not a zero
+
+
 def test_cli_splits_trailing_opts_and_refuses_sweep_keys(tiny_opts, tmp_path):
     tool = _tool()
     args = tool.parse_args(["--config-file", CONFIG, "--seeds", "0-1", "--generators", "WS(4,0.75)", "ER(0.2)",

@@ -247,6 +247,17 @@ def write_outputs(sweep: dict, sweep_dir: str) -> List[str]:
     return [path, md] + figures
 
 
+def _last_line(path: str) -> str:
+    """train_net's one-line error from a training log, else its last line."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f.readlines()[-50:] if line.strip()]
+    except OSError:
+        return "?"
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["?"])[-1][-300:]
+
+
 def run_sweep(plan: SweepPlan, options: LaunchOptions = None, metric: Optional[str] = None,
               log: Callable[[str], None] = print) -> dict:
     """Start what needs starting, wait (local, or slurm with ``wait``), collect, write
@@ -279,8 +290,9 @@ def run_sweep(plan: SweepPlan, options: LaunchOptions = None, metric: Optional[s
                 + (f" ({options.parallel} at a time)" if options.launcher == "local" else ""))
             if options.launcher == "local":
                 def progress(task, status):
-                    log(f"[sweep] {task['name']}: {status['status']} in {status['wall_time_s']:.0f} s "
-                        f"(log: {os.path.join(task['output_dir'], LOG_FILE)})")
+                    path = os.path.join(task["output_dir"], LOG_FILE)
+                    why = f": {_last_line(path)}" if status["status"] == "failed" else ""
+                    log(f"[sweep] {task['name']}: {status['status']} in {status['wall_time_s']:.0f} s{why} (log: {path})")
 
                 run_local(tasks, options.parallel, progress)
             else:

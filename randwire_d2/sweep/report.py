@@ -23,16 +23,25 @@ SECONDARY = {"classification/top1": ("classification/top5",), "bbox/AP": ("bbox/
              "segm/AP": ("segm/AP50", "segm/AP75")}
 
 
-def flatten_metrics(results: dict) -> Dict[str, float]:
+def _value(v) -> Optional[float]:
+    """A metric as float; None for NaN / null (e.g. APs of a dataset without small objects)."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def flatten_metrics(results: dict) -> Dict[str, Optional[float]]:
     """final_metrics.json -> {"task/metric": value}; with several test sets
-    {"dataset/task/metric": value} (detectron2 nests by dataset only then)."""
+    {"dataset/task/metric": value} (detectron2 nests by dataset only then).
+    NaN and null become None, so sweep.json stays strict JSON."""
     def is_task_level(d):
-        return all(isinstance(v, (int, float)) for v in d.values())
+        return all(v is None or isinstance(v, (int, float)) for v in d.values())
 
     if all(isinstance(v, dict) and is_task_level(v) for v in results.values()):
-        return {f"{task}/{k}": float(v) for task, m in results.items() for k, v in m.items()}
+        return {f"{task}/{k}": _value(v) for task, m in results.items() for k, v in m.items()}
     return {
-        f"{dataset}/{task}/{k}": float(v)
+        f"{dataset}/{task}/{k}": _value(v)
         for dataset, tasks in results.items() for task, m in tasks.items() for k, v in m.items()
     }
 
@@ -165,7 +174,7 @@ def _colors(n: int):
 
 def _done(records, label, metric):
     return [r for r in records if r["generator"] == label and r["status"] == "finished"
-            and r.get("metrics", {}).get(metric) is not None and math.isfinite(r["metrics"][metric])]
+            and r.get("metrics", {}).get(metric) is not None]
 
 
 def plot_metric_by_generator(sweep: dict, path: str) -> str:
