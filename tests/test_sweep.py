@@ -279,4 +279,11 @@ def test_slurm_array_script(tiny_opts, tmp_path, monkeypatch):
     task = delayed.args[0]
     assert task["name"] == "ER_p0.2/seed1" and task["cmd"][1].endswith("tools/train_net.py")
     assert task["cmd"][task["cmd"].index("--num-gpus") + 1] == "8"
-    assert task["cmd"][-4:] == ["MODEL.RANDWIRE.SEED", "1", "SEED", "1"]
+    assert task["cmd"][-4:] == ["MODEL.RANDWIRE.SEED", "1", "SEED", "1"] and not task["resume"]
+    # preempted or timed out: submitit requeues what checkpoint() returns, a resuming run
+    from randwire_d2.sweep.runner import command_of
+
+    requeued = delayed.function.checkpoint(task)
+    assert requeued.args[0]["resume"] is True and requeued.args[0]["name"] == task["name"]
+    assert "--resume" not in command_of(task)
+    assert command_of(requeued.args[0])[:3] == [sys.executable, task["cmd"][1], "--resume"]

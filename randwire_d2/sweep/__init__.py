@@ -149,9 +149,7 @@ def task_for(plan: SweepPlan, run: Run, config_hash: str, num_gpus: int, resume:
     cmd = [sys.executable, TRAIN_NET, "--config-file", plan.config_file, "--num-gpus", str(num_gpus)]
     if num_gpus > 1:
         cmd += ["--dist-url", "auto"]  # a free port each: parallel trainings must not collide
-    if resume:
-        cmd.append("--resume")
-    cmd += plan.run_opts(run)
+    cmd += plan.run_opts(run)  # runner.command_of adds --resume when the task resumes
     return {
         "name": run.name, "cmd": cmd, "cwd": os.getcwd(), "output_dir": run.output_dir,
         "config_hash": config_hash, "generator": run.generator.label, "seed": run.seed, "resume": bool(resume),

@@ -27,6 +27,7 @@ __all__ = [
     "STATUS_FILE",
     "TRAIN_NET",
     "TrainingJob",
+    "command_of",
     "execute_task",
     "process_alive",
     "read_status",
@@ -92,6 +93,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def command_of(task: dict) -> List[str]:
+    """The train_net command of a task; ``--resume`` when the task resumes (a requeued
+    SLURM task flips ``resume`` only)."""
+    cmd = list(task["cmd"])
+    if task.get("resume") and "--resume" not in cmd:
+        cmd.insert(2, "--resume")  # after: python tools/train_net.py
+    return cmd
+
+
 def execute_task(task: dict, register: Callable[[subprocess.Popen], None] = None) -> dict:
     """Run one training (``task["cmd"]``) to the end; returns the run's updated status.
 
@@ -108,7 +118,7 @@ def execute_task(task: dict, register: Callable[[subprocess.Popen], None] = None
     attempt = {
         "started": _now(), "resume": bool(task["resume"]), "host": socket.gethostname(),
         "controller_pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "command": shlex.join(task["cmd"]), "env": task.get("env", {}),
+        "command": shlex.join(command_of(task)), "env": task.get("env", {}),
     }
     status["attempts"].append(attempt)
     status["status"] = "running"
@@ -118,7 +128,7 @@ def execute_task(task: dict, register: Callable[[subprocess.Popen], None] = None
         log.write(f"\n[{_now()}] $ {attempt['command']}\n")
         log.flush()
         env = dict(os.environ, **task.get("env", {}))
-        proc = subprocess.Popen(task["cmd"], cwd=task["cwd"], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command_of(task), cwd=task["cwd"], stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
         attempt["pid"] = proc.pid
         write_status(out, status)
