@@ -115,6 +115,17 @@ def test_cli_splits_trailing_opts_and_refuses_sweep_keys(tiny_opts, tmp_path):
         SweepPlan.create(CONFIG, tiny_opts + ["MODEL.RANDWIRE.SEED", "1"], ["WS"], ["0"], str(tmp_path))
 
 
+def test_one_controller_per_sweep_dir(tiny_opts, tmp_path):
+    from randwire_d2.sweep import run_sweep
+    from randwire_d2.sweep.controller import sweep_lock
+
+    plan = SweepPlan.create(CONFIG, tiny_opts, ["WS(4,0.75)"], ["0"], str(tmp_path / "sweep"))
+    with sweep_lock(plan.sweep_dir):
+        with pytest.raises(ValueError, match=rf"Another tools/sweep.py \(pid {os.getpid()} .*\) is working on"):
+            run_sweep(plan)
+    assert not os.path.exists(plan.runs[0].output_dir)  # nothing started
+
+
 def test_cpu_threads_share_the_cores(monkeypatch):
     from randwire_d2.sweep import cpu_threads
 
