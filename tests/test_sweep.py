@@ -138,6 +138,38 @@ def test_cpu_threads_share_the_cores(monkeypatch):
     assert cpu_threads("cpu", 2, 1) is None  # the user's setting wins
 
 
+def test_parallel_gpu_trainings_get_their_own_gpus(monkeypatch):
+    from randwire_d2.sweep.runner import gpu_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert gpu_slots(2, 4) == ["0,1,2,3", "4,5,6,7"]
+    assert gpu_slots(3, 2) == ["0,1", "2,3", "4,5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert gpu_slots(2, 1) == ["3", "5"]
+    with pytest.raises(ValueError, match="--parallel 2 x --num-gpus 2 needs 4 GPUs, 2 are visible"):
+        gpu_slots(2, 2)
+
+
+def test_run_local_hands_each_training_a_gpu_slot(tmp_path):
+    from randwire_d2.sweep.runner import run_local
+
+    script = ("import os, sys, time; time.sleep(0.5); "
+              "open(os.path.join(sys.argv[1], 'cvd'), 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])")
+    tasks = [
+        {"name": f"t{i}", "cmd": [sys.executable, "-c", script, str(tmp_path / f"t{i}")], "cwd": str(tmp_path),
+         "output_dir": str(tmp_path / f"t{i}"), "config_hash": "h", "generator": "WS(4, 0.75)", "seed": i,
+         "resume": False, "env": {"OMP_NUM_THREADS": "1"}}
+        for i in range(4)
+    ]
+    statuses = run_local(tasks, parallel=2, gpus=["0,1", "2,3"])
+    assert sorted(s["name"] for s in statuses) == ["t0", "t1", "t2", "t3"]
+    assert all(s["status"] == "failed" for s in statuses)  # exit 0 but no final_metrics.json: not finished
+    used = [(tmp_path / f"t{i}" / "cvd").read_text() for i in range(4)]
+    assert set(used) == {"0,1", "2,3"}  # both slots, nothing else
+    envs = [_status(str(tmp_path / f"t{i}"))["attempts"][0]["env"] for i in range(4)]
+    assert all(e["OMP_NUM_THREADS"] == "1" and e["CUDA_VISIBLE_DEVICES"] in ("0,1", "2,3") for e in envs)
+
+
 def test_config_hash_mismatch_refused(tiny_opts, tmp_path):
     sweep_dir = str(tmp_path / "sweep")
     plan = SweepPlan.create(CONFIG, tiny_opts, ["WS(4,0.75)"], ["0-1"], sweep_dir)

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 from ..engine import RESULTS_FILE
 from .plan import Run, SweepPlan
 from .report import format_tables, make_figures, pick_metric, read_metrics, summarize_runs
-from .runner import LOG_FILE, make_executor, process_alive, read_status, run_local, run_submitit, write_status
+from .runner import LOG_FILE, gpu_slots, make_executor, process_alive, read_status, run_local, run_submitit, write_status
 
 __all__ = ["SWEEP_JSON", "SWEEP_MD", "LaunchOptions", "collect", "cpu_threads", "run_states", "run_sweep",
            "task_for", "write_outputs"]
@@ -265,10 +265,13 @@ def run_sweep(plan: SweepPlan, options: LaunchOptions = None, metric: Optional[s
         if retry and not options.resume:
             log(f"[sweep] not restarting {len(retry)} interrupted/failed run(s) ({', '.join(retry)}): "
                 "rerun with --resume to continue them from their last checkpoints.")
-        threads = None
-        if options.launcher == "local":
-            threads = cpu_threads(plan.base_cfg().MODEL.DEVICE, options.parallel, options.num_gpus)
         names = start + (retry if options.resume else [])
+        threads, gpus = None, None
+        if options.launcher == "local" and names and not options.collect_only:
+            device = str(plan.base_cfg().MODEL.DEVICE)
+            threads = cpu_threads(device, options.parallel, options.num_gpus)
+            if device.startswith("cuda") and options.parallel > 1:  # each training its own GPUs
+                gpus = gpu_slots(options.parallel, options.num_gpus)
         tasks = [task_for(plan, by_name[n], config_hash, options.num_gpus, n in retry, threads) for n in names]
         if tasks and not options.collect_only:
             log(f"[sweep] starting {len(tasks)} training(s) with --launcher {options.launcher}"
@@ -279,7 +282,7 @@ def run_sweep(plan: SweepPlan, options: LaunchOptions = None, metric: Optional[s
                     why = f": {_last_line(path)}" if status["status"] == "failed" else ""
                     log(f"[sweep] {task['name']}: {status['status']} in {status['wall_time_s']:.0f} s{why} (log: {path})")
 
-                run_local(tasks, options.parallel, progress)
+                run_local(tasks, options.parallel, progress, gpus=gpus)
             else:
                 params = dict(options.slurm)
                 params.setdefault("name", "randwire_sweep")

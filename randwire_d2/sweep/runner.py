@@ -10,6 +10,7 @@ run's last checkpoint. A fresh run always starts in a directory that does not ex
 import datetime
 import json
 import os
+import queue
 import shlex
 import signal
 import socket
@@ -29,6 +30,7 @@ __all__ = [
     "TrainingJob",
     "command_of",
     "execute_task",
+    "gpu_slots",
     "process_alive",
     "read_status",
     "run_local",
@@ -156,12 +158,36 @@ def execute_task(task: dict, register: Callable[[subprocess.Popen], None] = None
     return status
 
 
-def run_local(tasks: List[dict], parallel: int = 1, progress: Callable[[dict, dict], None] = None) -> List[dict]:
-    """Run ``tasks`` here, ``parallel`` at a time. Ctrl-C / SIGTERM stops them all (each
-    recorded as interrupted, resumable with --resume) and starts no more."""
+def gpu_slots(parallel: int, num_gpus: int) -> List[str]:
+    """CUDA_VISIBLE_DEVICES of each of ``parallel`` concurrent trainings: ``num_gpus``
+    GPUs of their own each, from the GPUs visible here."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    need = parallel * num_gpus
+    if need > len(ids):
+        raise ValueError(
+            f"--parallel {parallel} x --num-gpus {num_gpus} needs {need} GPUs, {len(ids)} are visible here "
+            f"({visible if visible is not None else 'all'}): lower --parallel or --num-gpus."
+        )
+    return [",".join(ids[k * num_gpus:(k + 1) * num_gpus]) for k in range(parallel)]
+
+
+def run_local(tasks: List[dict], parallel: int = 1, progress: Callable[[dict, dict], None] = None,
+              gpus: Optional[List[str]] = None) -> List[dict]:
+    """Run ``tasks`` here, ``parallel`` at a time (with ``gpus``, each on its own
+    CUDA_VISIBLE_DEVICES slot). Ctrl-C / SIGTERM stops them all (each recorded as
+    interrupted, resumable with --resume) and starts no more."""
     live: Dict[int, subprocess.Popen] = {}
     lock = threading.Lock()
     stop = threading.Event()
+    slots: "queue.Queue[str]" = queue.Queue()
+    for slot in gpus or []:
+        slots.put(slot)
 
     def register(proc):
         with lock:
@@ -170,7 +196,14 @@ def run_local(tasks: List[dict], parallel: int = 1, progress: Callable[[dict, di
     def one(task):
         if stop.is_set():
             return None
-        return execute_task(task, register)
+        if not gpus:
+            return execute_task(task, register)
+        slot = slots.get()
+        try:
+            env = dict(task.get("env", {}), CUDA_VISIBLE_DEVICES=slot)
+            return execute_task(dict(task, env=env), register)
+        finally:
+            slots.put(slot)
 
     results = []
     pool = ThreadPoolExecutor(max_workers=max(1, int(parallel)))
