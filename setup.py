@@ -20,5 +20,8 @@ setup(
         "pycocotools",
         "opencv-python-headless",  # detectron2's Visualizer (tools/demo.py) imports cv2
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "slurm": ["submitit"],  # tools/sweep.py --launcher slurm
+        "test": ["pytest", "submitit"],
+    },
 )

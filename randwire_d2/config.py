@@ -14,6 +14,8 @@ from .modeling.network import FEATURES, REGIMES, build_graph_specs
 from .modeling.stage import EXECUTORS
 
 NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN", "GN")
+# generator -> {parameter: MODEL.RANDWIRE key}
+GENERATOR_KEYS = {"WS": {"k": "WS_K", "p": "WS_P"}, "ER": {"p": "ER_P"}, "BA": {"m": "BA_M"}}
 
 
 def add_randwire_config(cfg: CN) -> CN:
@@ -62,7 +64,7 @@ def _check(cond: bool, key: str, value, allowed: str):
 def generator_params(rw: CN) -> Dict[str, float]:
     gen = str(rw.GENERATOR).upper()
     _check(gen in GENERATORS, "GENERATOR", rw.GENERATOR, f"allowed are {list(GENERATORS)}")
-    keys = {"WS": {"k": "WS_K", "p": "WS_P"}, "ER": {"p": "ER_P"}, "BA": {"m": "BA_M"}}[gen]
+    keys = GENERATOR_KEYS[gen]
     params = {name: rw.get(key) for name, key in keys.items()}
     try:
         return validate_generator_params(gen, int(rw.NODES), params)
