@@ -20,5 +20,6 @@ setup(
         "pycocotools",
         "opencv-python-headless",  # detectron2's Visualizer (tools/demo.py) imports cv2
     ],
-    extras_require={"test": ["pytest"]},
+    # onnx + onnxruntime: the ONNX export test (tools/export_model.py --format onnx)
+    extras_require={"test": ["pytest", "onnx", "onnxruntime"]},
 )

@@ -1,0 +1,125 @@
+"""tools/export_model.py: TorchScript and ONNX exports of a RandWire-FPN Faster R-CNN give
+the eager model's boxes, classes and scores on real images (demo shapes and ImageNet JPEGs)."""
+import glob
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+
+from randwire_d2 import export as E
+from randwire_d2.checkpoint import RandWireCheckpointer
+from randwire_d2.data.demo import generate_demo_dataset
+
+from conftest import REPO, tiny_detection_cfg
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import export_model  # noqa: E402
+
+CONFIG = "configs/demo/randwire_frcnn_demo.yaml"
+TINY = ["MODEL.RANDWIRE.NODES", 6, "INPUT.MIN_SIZE_TEST", 160, "INPUT.MAX_SIZE_TEST", 256]
+
+
+def imagenet_jpegs():
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        return []
+    return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "data", "imagenet_*.jpg")))
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    """A seeded tiny demo detector saved as a checkpoint, and real images to run it on."""
+    tmp = tmp_path_factory.mktemp("export")
+    root = generate_demo_dataset(str(tmp / "data"), num_train=1, num_val=3)
+    images = sorted(glob.glob(os.path.join(root, "val", "*.jpg"))) + imagenet_jpegs()[9:11]  # 1024x683 among them
+    cfg = tiny_detection_cfg(CONFIG, *TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    # distinct scores (an untrained classifier scores every box ~1/(K+1)): the comparison
+    # then also checks the detections' order
+    torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.05)
+    weights = str(tmp / "model.pth")
+    RandWireCheckpointer(model, save_dir=str(tmp)).save("model")
+    return weights, images, tmp
+
+
+def _opts(weights):
+    """tiny_detection_cfg's overrides as command-line opts."""
+    return [
+        "MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu", "MODEL.RANDWIRE.CHANNELS", "16",
+        "MODEL.RANDWIRE.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.FPN.OUT_CHANNELS", "32",
+        "SOLVER.AMP.ENABLED", "False", *[str(x) for x in TINY],
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_eager_on_real_images(demo_model, fmt, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    weights, images, _ = demo_model
+    out = str(tmp_path / fmt)
+    argv = ["--config-file", os.path.join(REPO, CONFIG), "--format", fmt, "--sample-image", images[0],
+            "--output", out]
+    for p in images[1:]:
+        argv += ["--check-image", p]
+    assert export_model.main(argv + _opts(weights)) == 0
+    model_file = os.path.join(out, E.MODEL_FILES[fmt])
+    if fmt == "onnx":  # standard ONNX operators only (no custom domain)
+        onnx = pytest.importorskip("onnx")
+        assert {n.domain for n in onnx.load(model_file).graph.node} <= {"", "ai.onnx"}
+    else:  # no Python ops (custom autograd Functions) in the graph
+        graph = str(torch.jit.load(model_file).inlined_graph)
+        assert "prim::PythonOp" not in graph and "convolution" in graph
+
+    # independently of the tool's own check: a fresh eager model from the same weights
+    cfg = tiny_detection_cfg(CONFIG, *TINY, "MODEL.WEIGHTS", weights)
+    model = E.build_inference_model(cfg)
+    exported = E.ExportedDetector(out)
+    assert exported.info["thing_classes"] == ["circle", "rectangle", "triangle", "cross", "star"]
+    sizes = set()
+    for path in images:
+        sample = E.preprocess(cfg, E.read_image(cfg, path))
+        sizes.add(tuple(sample["image"].shape[1:]))
+        with torch.no_grad():
+            ref = model([sample])[0]["instances"]
+        got = exported([sample])[0]["instances"]
+        assert len(ref) > 0 and len(got) == len(ref), path
+        assert got.image_size == (sample["height"], sample["width"])
+        assert torch.equal(got.pred_classes, ref.pred_classes)
+        torch.testing.assert_close(got.pred_boxes.tensor, ref.pred_boxes.tensor, atol=1e-3, rtol=0)
+        torch.testing.assert_close(got.scores, ref.scores, atol=1e-5, rtol=0)
+        assert float(ref.scores.max() - ref.scores.min()) > 1e-3  # scores differ: order is checked
+    assert len(sizes) >= 3  # traced once, run on other input sizes
+
+
+def test_export_uses_reference_executor(demo_model):
+    weights, _, _ = demo_model
+    cfg = tiny_detection_cfg(CONFIG, *TINY, "MODEL.WEIGHTS", weights)
+    model = E.build_inference_model(cfg)
+    stages = [m for m in model.modules() if hasattr(m, "executor") and hasattr(m, "graph")]
+    assert stages and all(m.executor == "reference" for m in stages)
+    assert not model.training
+
+
+def test_export_bad_input_named(demo_model, tmp_path, caplog):
+    weights, images, tmp = demo_model
+    base = ["--config-file", os.path.join(REPO, CONFIG), "--output", str(tmp_path / "o")]
+    opts = _opts(weights)
+    i = opts.index("MODEL.WEIGHTS")
+    missing = opts[:i] + ["MODEL.WEIGHTS", str(tmp / "nope.pth")] + opts[i + 2:]
+    assert export_model.main(base + ["--sample-image", images[0]] + missing) == 2
+    assert "MODEL.WEIGHTS" in caplog.text and "nope.pth" in caplog.text
+    caplog.clear()
+    assert export_model.main(base + ["--sample-image", str(tmp / "none.jpg")] + opts) == 2
+    assert "none.jpg" in caplog.text and "no such file" in caplog.text
+    caplog.clear()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(open(images[0], "rb").read()[:300])
+    assert export_model.main(base + ["--sample-image", str(broken)] + opts) == 2
+    assert "broken.jpg" in caplog.text
+    with pytest.raises(E.ExportError, match="export_info.json"):
+        E.ExportedDetector(str(tmp_path / "empty"))
