@@ -221,6 +221,7 @@ class ExportedDetector:
 
     def raw(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Flat outputs of one preprocessed image, by name."""
+        image = image.to(torch.float32)  # detectron2's test loader gives uint8
         if self.format == "torchscript":
             with torch.no_grad():
                 outs = self._ts(image)

@@ -223,11 +223,16 @@ def check_dataset_classes(cfg, names: Sequence[str], num_classes: Optional[int] 
     key = _num_classes_key(cfg)
     if key is None:
         return
-    if num_classes is None:
-        node = cfg
-        for part in key.split(".")[:-1]:
-            node = node[part]
-        num_classes = int(node[key.split(".")[-1]])
+    node = cfg
+    for part in key.split(".")[:-1]:
+        node = node[part]
+    configured = int(node[key.split(".")[-1]])
+    if num_classes is None or num_classes == configured:
+        num_classes, what = configured, f"cfg.{key} = {configured}"
+        fix = f"set {key} {{n}} (weights trained on other classes still load: their class-specific layers are re-initialised)"
+    else:  # a model built with another config
+        what = f"The model predicts {num_classes} classes (cfg.{key} = {configured})"
+        fix = "use a model built for {n} classes"
     for name in names:
         classes = dataset_class_names(name)
         if classes is None:
@@ -236,9 +241,8 @@ def check_dataset_classes(cfg, names: Sequence[str], num_classes: Optional[int] 
         if len(classes) != num_classes:
             shown = classes if len(classes) <= 12 else classes[:12] + ["..."]
             raise ValueError(
-                f"cfg.{key} = {num_classes}, but dataset {name!r} has {len(classes)} classes {shown}: "
-                f"set {key} {len(classes)} (and fine-tune from weights trained on other classes: their "
-                "class-specific layers are re-initialised)."
+                f"{what}, but dataset {name!r} has {len(classes)} classes {shown}: "
+                + fix.format(n=len(classes)) + "."
             )
 
 
