@@ -38,7 +38,12 @@ from detectron2.utils import comm
 from .checkpoint import RandWireCheckpointer
 from .config import add_classification_config, add_randwire_config
 from .data.resumable import _TAG_STEP, ResumableTrainLoader, derive_seed, training_seed
-from .data.custom import check_dataset_classes, check_detection_datasets, register_custom_datasets
+from .data.custom import (
+    check_dataset_classes,
+    check_dataset_files,
+    check_detection_datasets,
+    register_custom_datasets,
+)
 from .data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts
 
 logger = logging.getLogger("randwire_d2")
@@ -254,6 +259,7 @@ class Trainer(DefaultTrainer):
             if not resumable:
                 logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN} is not used for classification.")
             return build_classification_train_loader(cfg)
+        check_dataset_files(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         check_dataset_classes(cfg, cfg.DATASETS.TRAIN)
         dicts = load_detection_train_dicts(cfg)
         mapper = SafeDatasetMapper(cfg, True)
@@ -305,6 +311,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         if not is_classification(cfg):  # before any inference: a wrong class count evaluates to AP 0
+            check_dataset_files(cfg.DATASETS.TEST, "DATASETS.TEST")
             check_dataset_classes(cfg, cfg.DATASETS.TEST, model_num_classes(model))
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and results:

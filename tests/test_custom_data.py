@@ -2,6 +2,7 @@
 (DATASETS.COCO_JSON / DATASETS.VOC), trained and evaluated through tools/train_net.py
 (also as two processes), class counts checked before any inference, tools/demo.py labels
 with class names and skips a truncated JPEG, results are strict JSON."""
+import importlib.util
 import json
 import logging
 import os
@@ -25,8 +26,11 @@ from randwire_d2.engine import Trainer, setup, setup_cfg, write_results
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
-import demo as demo_tool  # noqa: E402
 import train_net  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("randwire_tools_demo", os.path.join(REPO, "tools", "demo.py"))
+demo_tool = importlib.util.module_from_spec(_spec)  # tools/demo.py (not the generic name "demo")
+_spec.loader.exec_module(demo_tool)
 
 CONFIG = os.path.join(REPO, "configs/custom/randwire_frcnn_finetune.yaml")
 COCO_CLASSES = ["circle", "rectangle", "triangle"]  # the demo's first three, ids 10, 20, 30

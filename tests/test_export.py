@@ -2,6 +2,7 @@
 the eager model's boxes, classes and scores on real images (demo shapes and ImageNet JPEGs)."""
 import glob
 import importlib.util
+import json
 import os
 import sys
 
@@ -13,6 +14,7 @@ from detectron2.modeling import build_model
 from randwire_d2 import export as E
 from randwire_d2.checkpoint import RandWireCheckpointer
 from randwire_d2.data.demo import generate_demo_dataset
+from randwire_d2.engine import Trainer
 
 from conftest import REPO, tiny_detection_cfg
 
@@ -44,7 +46,8 @@ def demo_model(tmp_path_factory):
     torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.05)
     weights = str(tmp / "model.pth")
     RandWireCheckpointer(model, save_dir=str(tmp)).save("model")
-    return weights, images, tmp
+    val = [["export_val", os.path.join(root, "annotations", "val.json"), os.path.join(root, "val")]]
+    return weights, images, tmp, val
 
 
 def _opts(weights):
@@ -60,13 +63,14 @@ def _opts(weights):
 def test_export_matches_eager_on_real_images(demo_model, fmt, tmp_path):
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
-    weights, images, _ = demo_model
+    weights, images, _, val = demo_model
     out = str(tmp_path / fmt)
     argv = ["--config-file", os.path.join(REPO, CONFIG), "--format", fmt, "--sample-image", images[0],
             "--output", out]
     for p in images[1:]:
         argv += ["--check-image", p]
-    assert export_model.main(argv + _opts(weights)) == 0
+    data = ["DATASETS.COCO_JSON", repr(val), "DATASETS.TEST", "('export_val',)", "OUTPUT_DIR", str(tmp_path)]
+    assert export_model.main(argv + ["--run-eval"] + _opts(weights) + data) == 0
     model_file = os.path.join(out, E.MODEL_FILES[fmt])
     if fmt == "onnx":  # standard ONNX operators only (no custom domain)
         onnx = pytest.importorskip("onnx")
@@ -95,9 +99,24 @@ def test_export_matches_eager_on_real_images(demo_model, fmt, tmp_path):
         assert float(ref.scores.max() - ref.scores.min()) > 1e-3  # scores differ: order is checked
     assert len(sizes) >= 3  # traced once, run on other input sizes
 
+    # --run-eval went through detectron2's test loader and COCOEvaluator: its predictions
+    # (original image coordinates) are the eager model's
+    eval_dir = str(tmp_path / "eager")
+    cfg = tiny_detection_cfg(CONFIG, *TINY, "MODEL.WEIGHTS", weights, *data[:-2], "OUTPUT_DIR", eval_dir)
+    eager = Trainer.test(cfg, model)
+    with open(os.path.join(out, "final_metrics.json")) as f:
+        assert json.load(f).keys() == eager.keys() == {"bbox"}
+    with open(tmp_path / "inference_exported" / "coco_instances_results.json") as f1, \
+            open(os.path.join(eval_dir, "inference", "coco_instances_results.json")) as f2:
+        got, ref = json.load(f1), json.load(f2)
+    assert len(got) == len(ref) > 0
+    for g, r in zip(got, ref):
+        assert (g["image_id"], g["category_id"]) == (r["image_id"], r["category_id"])
+        assert max(abs(a - b) for a, b in zip(g["bbox"], r["bbox"])) < 1e-3 and abs(g["score"] - r["score"]) < 1e-5
+
 
 def test_export_uses_reference_executor(demo_model):
-    weights, _, _ = demo_model
+    weights, _, _, _ = demo_model
     cfg = tiny_detection_cfg(CONFIG, *TINY, "MODEL.WEIGHTS", weights)
     model = E.build_inference_model(cfg)
     stages = [m for m in model.modules() if hasattr(m, "executor") and hasattr(m, "graph")]
@@ -106,7 +125,7 @@ def test_export_uses_reference_executor(demo_model):
 
 
 def test_export_bad_input_named(demo_model, tmp_path, caplog):
-    weights, images, tmp = demo_model
+    weights, images, tmp, _ = demo_model
     base = ["--config-file", os.path.join(REPO, CONFIG), "--output", str(tmp_path / "o")]
     opts = _opts(weights)
     i = opts.index("MODEL.WEIGHTS")

@@ -13,7 +13,8 @@ Writes ``<output>/model.ts`` or ``<output>/model.onnx`` and ``export_info.json``
 ``--sample-image`` (or the first image of DATASETS.TEST[0]) and then checked against
 eager inference on it (and on every ``--check-image``): the largest box and score
 differences are printed, and a mismatch fails the export. ``--run-eval`` evaluates the
-exported model on DATASETS.TEST[0] with the dataset's evaluator.
+exported model on DATASETS.TEST[0] with the dataset's evaluator (metrics also in
+``<output>/final_metrics.json``).
 """
 import argparse
 import logging
@@ -54,26 +55,35 @@ def setup_cfg(args):
 def first_test_image(cfg) -> str:
     from detectron2.data import DatasetCatalog
 
+    from randwire_d2.data.custom import check_dataset_files
     from randwire_d2.export import ExportError
 
     if not len(cfg.DATASETS.TEST):
         raise ExportError("no --sample-image and cfg.DATASETS.TEST is empty: pass --sample-image IMG.")
+    check_dataset_files(cfg.DATASETS.TEST[:1], "DATASETS.TEST")  # (DETECTRON2_DATASETS hint)
     dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])
     if not dicts:
         raise ExportError(f"no --sample-image and dataset {cfg.DATASETS.TEST[0]!r} is empty.")
     return dicts[0]["file_name"]
 
 
-def run_eval(cfg, exported):
+def run_eval(cfg, exported, output_dir):
+    """Evaluate ``exported`` on DATASETS.TEST[0]; metrics also go to <output>/final_metrics.json."""
     from detectron2.evaluation import inference_on_dataset, print_csv_format
 
-    from randwire_d2.engine import Trainer
+    from randwire_d2.data.custom import check_dataset_classes, check_dataset_files
+    from randwire_d2.engine import Trainer, write_results
 
+    if not len(cfg.DATASETS.TEST):
+        raise ValueError("--run-eval needs cfg.DATASETS.TEST.")
     dataset = cfg.DATASETS.TEST[0]
+    check_dataset_files([dataset], "DATASETS.TEST")
+    check_dataset_classes(cfg, [dataset])
     loader = Trainer.build_test_loader(cfg, dataset)
     evaluator = Trainer.build_evaluator(cfg, dataset, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_exported"))
     results = inference_on_dataset(exported, loader, evaluator)
     print_csv_format(results)
+    write_results(output_dir, results)
     return results
 
 
@@ -111,7 +121,7 @@ def main(argv=None) -> int:
         logger.error(f"The exported model's outputs differ from eager inference: {diff}")
         return 1
     if args.run_eval:
-        run_eval(cfg, exported)
+        run_eval(cfg, exported, args.output)
     return 0
 
 
