@@ -260,6 +260,7 @@ def test_missing_datasets_named_with_hints(data, tmp_path, monkeypatch):
     ("COCO_JSON", [["only_name"]], r"COCO_JSON\[0\].*\[name, json_file, image_root\]"),
     ("COCO_JSON", [["coco_2017_val", "a.json", "imgs"]], r"'coco_2017_val' is already registered"),
     ("VOC", [["v", "dir", "train"]], r"VOC\[0\].*class names"),
+    ("COCO_JSON", [["d", "a.json", "i"], ["d", "b.json", "i"]], r"COCO_JSON\[1\].*'d' is used twice"),
     ("VOC", [["v", "dir", "train", ["a", "a"]]], r"duplicates"),
 ])
 def test_bad_dataset_entries(key, entries, match):

@@ -47,7 +47,7 @@ VOC_YEAR = 2012  # PascalVOCDetectionEvaluator: 2007 -> 11-point AP, anything el
 BUILTIN_HINT = (
     "detectron2's builtin datasets are read from $DETECTRON2_DATASETS ({where}), in the layout "
     "of detectron2's datasets/README.md: set DETECTRON2_DATASETS to the folder holding coco/, "
-    "VOC2007/, ... For your own data use DATASETS.COCO_JSON or DATASETS.VOC (README: Custom datasets)."
+    "VOC2007/, ... For your own data use DATASETS.COCO_JSON or DATASETS.VOC (README: Your own dataset)."
 )
 
 # name -> spec of the datasets this module registered (to re-register on a changed spec)
@@ -66,7 +66,10 @@ def _entries(cfg, key: str, form: str, sizes: Sequence[int]):
         yield i, list(entry)
 
 
-def _register(name: str, spec: tuple, key: str, register) -> None:
+def _register(name: str, spec: tuple, key: str, register, seen: List[str]) -> None:
+    if name in seen:
+        raise ValueError(f"cfg.DATASETS.{key}: dataset name {name!r} is used twice in DATASETS.COCO_JSON / VOC.")
+    seen.append(name)
     if _REGISTERED.get(name) == spec:
         return
     if name in DatasetCatalog.list():
@@ -96,8 +99,7 @@ def register_custom_datasets(cfg) -> List[str]:
             register_coco_instances(name, {}, json_file, image_root)
             MetadataCatalog.get(name).set(config_key=f"DATASETS.COCO_JSON[{i}]")
 
-        _register(name, spec, f"COCO_JSON[{i}]", register)
-        names.append(name)
+        _register(name, spec, f"COCO_JSON[{i}]", register, names)
     form = "[name, dirname, split, [class names]]"
     for i, entry in _entries(cfg, "VOC", form, (3, 4)):
         classes = entry[3] if len(entry) == 4 else None
@@ -119,8 +121,7 @@ def register_custom_datasets(cfg) -> List[str]:
                 evaluator_type="pascal_voc", config_key=f"DATASETS.VOC[{i}]",
             )
 
-        _register(name, spec, f"VOC[{i}]", register)
-        names.append(name)
+        _register(name, spec, f"VOC[{i}]", register, names)
     return names
 
 
@@ -262,7 +263,7 @@ def check_dataset_files(names: Sequence[str], key: str = "DATASETS") -> None:
             raise ValueError(
                 f"cfg.{key}: dataset {name!r} is not registered. Register your own with "
                 "DATASETS.COCO_JSON [name, json_file, image_root] or DATASETS.VOC [name, dirname, split, "
-                "[class names]] (README: Custom datasets)."
+                "[class names]] (README: Your own dataset)."
             )
         missing = _missing_files(name)
         if not missing:
