@@ -32,7 +32,8 @@ INFO_FILE = "export_info.json"
 EXPORT_EXECUTOR = "reference"
 # Names of the flattened outputs of a GeneralizedRCNN's Instances, by field.
 _FIELD_NAMES = {"pred_boxes": "boxes", "pred_classes": "classes", "scores": "scores"}
-DEFAULT_ONNX_OPSET = 17  # RoiAlign with half_pixel (detectron2's aligned ROIAlign) needs >= 16
+DEFAULT_ONNX_OPSET = 17
+MIN_ONNX_OPSET = 16  # RoiAlign's half_pixel mode (detectron2's aligned ROIAlign)
 
 
 class ExportError(ValueError):
@@ -145,6 +146,11 @@ def export(cfg, model, sample: Dict, fmt: str, output_dir: str, opset: int = DEF
     """Trace ``model`` on ``sample`` and write ``output_dir/model.{ts,onnx}`` + export_info.json."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: allowed are {list(FORMATS)}.")
+    if fmt == "onnx" and opset < MIN_ONNX_OPSET:
+        raise ExportError(
+            f"--opset {opset}: the box pooler's ROIAlign(aligned=True) needs ONNX opset >= {MIN_ONNX_OPSET} "
+            "(RoiAlign's half_pixel mode); older opsets would shift every pooled box."
+        )
     os.makedirs(output_dir, exist_ok=True)
     use_reference_executor(model)
     adapter = traceable(model, sample)

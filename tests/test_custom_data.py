@@ -4,7 +4,6 @@
 with class names and skips a truncated JPEG, results are strict JSON."""
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -286,25 +285,8 @@ def test_results_are_strict_json(tmp_path):
 
 
 # --------------------------------------------------------------------------- demo.py
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.text = ""
-
-    def emit(self, record):
-        self.text += record.getMessage() + "\n"
-
-
-def test_demo_labels_with_class_names_and_skips_truncated_jpeg(data, tmp_path, monkeypatch):
-    caplog = _Records()  # detectron2's setup_logger stops propagation: listen on the logger itself
-    logging.getLogger("randwire_d2.demo").addHandler(caplog)
-    try:
-        _demo_checks(data, tmp_path, monkeypatch, caplog)
-    finally:
-        logging.getLogger("randwire_d2.demo").removeHandler(caplog)
-
-
-def _demo_checks(data, tmp_path, monkeypatch, caplog):
+def test_demo_labels_with_class_names_and_skips_truncated_jpeg(data, tmp_path, monkeypatch, randwire_logs):
+    caplog = randwire_logs
     images = tmp_path / "in"
     os.makedirs(images)
     src = sorted(os.listdir(data["coco_images"]))[:2]

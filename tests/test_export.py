@@ -124,7 +124,8 @@ def test_export_uses_reference_executor(demo_model):
     assert not model.training
 
 
-def test_export_bad_input_named(demo_model, tmp_path, caplog):
+def test_export_bad_input_named(demo_model, tmp_path, randwire_logs):
+    caplog = randwire_logs
     weights, images, tmp, _ = demo_model
     base = ["--config-file", os.path.join(REPO, CONFIG), "--output", str(tmp_path / "o")]
     opts = _opts(weights)
@@ -140,5 +141,8 @@ def test_export_bad_input_named(demo_model, tmp_path, caplog):
     broken.write_bytes(open(images[0], "rb").read()[:300])
     assert export_model.main(base + ["--sample-image", str(broken)] + opts) == 2
     assert "broken.jpg" in caplog.text
+    caplog.clear()
+    assert export_model.main(base + ["--format", "onnx", "--opset", "11", "--sample-image", images[0]] + opts) == 2
+    assert "--opset 11" in caplog.text and ">= 16" in caplog.text
     with pytest.raises(E.ExportError, match="export_info.json"):
         E.ExportedDetector(str(tmp_path / "empty"))

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         path = E.export(cfg, model, sample, args.format, args.output, opset=opset)
         exported = E.ExportedDetector(args.output)
         diff = E.compare(model, exported, checks)
-    except (E.ExportError, FileNotFoundError, KeyError, ValueError, ImportError) as exc:
+    except (E.ExportError, OSError, KeyError, ValueError, ImportError) as exc:
         if os.environ.get("RANDWIRE_DEBUG"):
             raise
         logger.error("%s", exc)
