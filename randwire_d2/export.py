@@ -68,7 +68,7 @@ def tracing_adapter_class():
 
 
 def use_reference_executor(model: torch.nn.Module) -> torch.nn.Module:
-    from .modeling.fast_stage import set_executor
+    from .modeling.stage import set_executor
 
     return set_executor(model, EXPORT_EXECUTOR)
 
