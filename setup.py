@@ -22,6 +22,8 @@ setup(
     ],
     extras_require={
         "slurm": ["submitit"],  # tools/sweep.py --launcher slurm
-        "test": ["pytest", "submitit"],
+        "export": ["onnx", "onnxruntime"],  # tools/export_model.py --format onnx
+        # submitit: the sweep's SLURM path; onnx + onnxruntime: the ONNX export test
+        "test": ["pytest", "submitit", "onnx", "onnxruntime"],
     },
 )

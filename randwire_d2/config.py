@@ -53,7 +53,20 @@ def add_randwire_config(cfg: CN) -> CN:
         _C.SOLVER.OPTIMIZER = "SGD"
     if "BETAS" not in _C.SOLVER:
         _C.SOLVER.BETAS = (0.9, 0.999)
+    add_dataset_config(cfg)
     return add_classification_config(cfg)
+
+
+def add_dataset_config(cfg: CN) -> CN:
+    """Your own detection datasets, registered by name (randwire_d2/data/custom.py); idempotent:
+      DATASETS.COCO_JSON  [[name, json_file, image_root], ...]
+      DATASETS.VOC        [[name, dirname, split, [class names]], ...]  (Pascal VOC layout)
+    """
+    if "COCO_JSON" not in cfg.DATASETS:
+        cfg.DATASETS.COCO_JSON = []
+    if "VOC" not in cfg.DATASETS:
+        cfg.DATASETS.VOC = []
+    return cfg
 
 
 def _check(cond: bool, key: str, value, allowed: str):

@@ -19,6 +19,7 @@ Reliability (see :class:`Trainer`):
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 from collections import OrderedDict
@@ -37,6 +38,12 @@ from detectron2.utils import comm
 from .checkpoint import RandWireCheckpointer
 from .config import add_classification_config, add_randwire_config
 from .data.resumable import _TAG_STEP, ResumableTrainLoader, derive_seed, training_seed
+from .data.custom import (
+    check_dataset_classes,
+    check_dataset_files,
+    check_detection_datasets,
+    register_custom_datasets,
+)
 from .data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts
 
 logger = logging.getLogger("randwire_d2")
@@ -277,6 +284,8 @@ class Trainer(DefaultTrainer):
             if not resumable:
                 logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN} is not used for classification.")
             return build_classification_train_loader(cfg)
+        check_dataset_files(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        check_dataset_classes(cfg, cfg.DATASETS.TRAIN)
         dicts = load_detection_train_dicts(cfg)
         mapper = SafeDatasetMapper(cfg, True)
         if not resumable:
@@ -321,13 +330,20 @@ class Trainer(DefaultTrainer):
             return COCOEvaluator(
                 dataset_name, output_dir=output_folder, use_fast_impl=fast_coco_eval_available()
             )
+        if evaluator_type == "pascal_voc":
+            from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+            return PascalVOCDetectionEvaluator(dataset_name)
         raise ValueError(
             f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}): "
-            "supported are 'coco' and 'classification'."
+            "supported are 'coco', 'pascal_voc' and 'classification'."
         )
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        if not is_classification(cfg):  # before any inference: a wrong class count evaluates to AP 0
+            check_dataset_files(cfg.DATASETS.TEST, "DATASETS.TEST")
+            check_dataset_classes(cfg, cfg.DATASETS.TEST, model_num_classes(model))
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and results:
             write_results(cfg.OUTPUT_DIR, results)
@@ -340,15 +356,15 @@ def write_results(output_dir: str, results) -> str:
     path = os.path.join(output_dir, RESULTS_FILE)
     flat = _to_builtin(results)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(flat, f, indent=2)
+    with open(tmp, "w") as f:  # strict JSON: NaN (e.g. AP of a class absent from val) -> null
+        f.write(json.dumps(flat, indent=2, allow_nan=False))
     os.replace(tmp, path)
     for dataset, tasks in (flat.items() if _is_nested(flat) else [("", flat)]):
         for task, metrics in tasks.items():
             keys = list(metrics)
             logger.info(
                 f"{dataset} {task}:\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys)
-                + "\n| " + " | ".join(f"{metrics[k]:.2f}" for k in keys) + " |"
+                + "\n| " + " | ".join("nan" if metrics[k] is None else f"{metrics[k]:.2f}" for k in keys) + " |"
             )
     logger.info(f"Metrics written to {path}")
     return path
@@ -361,7 +377,8 @@ def _is_nested(results) -> bool:
 def _to_builtin(obj):
     if isinstance(obj, (dict, OrderedDict)):
         return {str(k): _to_builtin(v) for k, v in obj.items()}
-    return float(obj)
+    value = float(obj)
+    return value if math.isfinite(value) else None
 
 
 def setup_cfg(config_file: str, opts=()):
@@ -382,7 +399,18 @@ def setup_cfg(config_file: str, opts=()):
         if str(exc).startswith("Non-existent key: "):
             raise KeyError(f"Non-existent config key: {str(exc)[len('Non-existent key: '):]} (command line)") from None
         raise
+    register_custom_datasets(cfg)  # DATASETS.COCO_JSON / VOC: here, so in every process
     return cfg
+
+
+def model_num_classes(model) -> Optional[int]:
+    """The class count a built detector predicts (None if it has no such head)."""
+    model = getattr(model, "module", model)  # DDP
+    for head in ("roi_heads", "head"):
+        n = getattr(getattr(model, head, None), "num_classes", None)
+        if n is not None:
+            return int(n)
+    return getattr(model, "num_classes", None)
 
 
 def check_run_settings(cfg, resume: bool = False) -> None:
@@ -429,6 +457,8 @@ def check_run_settings(cfg, resume: bool = False) -> None:
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts)
     check_run_settings(cfg, resume=args.resume)
+    if not is_classification(cfg):
+        check_detection_datasets(cfg, eval_only=args.eval_only)
     if is_classification(cfg):
         from .solver import resolve_schedule
 

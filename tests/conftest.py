@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -33,3 +34,26 @@ def tiny_detection_cfg(config="configs/randwire_frcnn.yaml", *opts):
 @pytest.fixture
 def tiny_cfg():
     return tiny_detection_cfg
+
+
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.text = ""
+
+    def emit(self, record):
+        self.text += record.getMessage() + "\n"
+
+    def clear(self):
+        self.text = ""
+
+
+@pytest.fixture
+def randwire_logs():
+    """Messages logged under "randwire_d2" (caplog misses them once detectron2's setup_logger
+    has turned that logger's propagation off)."""
+    handler = _Messages()
+    logger = logging.getLogger("randwire_d2")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)

@@ -39,5 +39,5 @@ def test_demo_training_loss_falls_and_coco_eval(tmp_path):
         results = json.load(f)
     bbox = results["bbox"] if "bbox" in results else results[val]["bbox"]
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(bbox)
-    assert all(v != v or 0.0 <= v <= 100.0 for v in bbox.values())  # NaN for empty size ranges
+    assert all(v is None or 0.0 <= v <= 100.0 for v in bbox.values())  # null (NaN) for empty size ranges
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")

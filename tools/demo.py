@@ -107,20 +107,40 @@ def collect_inputs(inputs):
 
 
 def setup_cfg(args):
-    from detectron2.config import get_cfg
+    from randwire_d2.engine import setup_cfg as load_cfg
 
-    from randwire_d2.config import add_randwire_config
-
-    cfg = get_cfg()
-    add_randwire_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_cfg(args.config_file, args.opts)  # also registers DATASETS.COCO_JSON / VOC
     # apply the threshold to every kind of head the config may use
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
     cfg.freeze()
     return cfg
+
+
+def class_metadata(cfg):
+    """Metadata with the class names of the config's dataset (DATASETS.TEST[0], else TRAIN[0]),
+    so boxes are labelled "circle 74%", not "0 74%". Refuses a model whose class count differs."""
+    from detectron2.data import MetadataCatalog
+
+    from randwire_d2.data.custom import check_dataset_classes, dataset_class_names
+
+    names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    if not names:
+        logger.warning("cfg.DATASETS.TEST and TRAIN are empty: boxes are labelled with class ids")
+        return MetadataCatalog.get("__unused")
+    name = names[0]
+    try:
+        classes = dataset_class_names(name)
+    except ValueError as e:  # e.g. an unreadable json: the demo still runs
+        logger.warning("%s; boxes are labelled with class ids", e)
+        classes = None
+    if classes is None:
+        logger.warning("dataset %r has no class names (its annotation file missing?): boxes are "
+                       "labelled with class ids", name)
+    else:
+        check_dataset_classes(cfg, [name])
+    return MetadataCatalog.get(name)
 
 
 def _unique_output_path(out_dir: str, image_path: str, used: set) -> str:
@@ -156,21 +176,30 @@ def main(argv=None) -> int:
 
     register_demo_datasets()  # idempotent; makes sure the demo metadata exists
 
-    from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
-    cfg = setup_cfg(args)
+    try:
+        cfg = setup_cfg(args)
+        metadata = class_metadata(cfg)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 2
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: predictions come from an untrained model")
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
     predictor = DefaultPredictor(cfg)
 
     os.makedirs(args.output, exist_ok=True)
     used = set()
+    skipped = []
     for path in images:
-        img = read_image(path, format="BGR")  # DefaultPredictor expects BGR
+        try:
+            img = read_image(path, format="BGR")  # DefaultPredictor expects BGR
+        except Exception as e:  # truncated / corrupt / unreadable: name it, go on with the rest
+            logger.warning("skipping %s: cannot read it (%s: %s)", path, type(e).__name__, e)
+            skipped.append(path)
+            continue
         start = time.perf_counter()
         predictions = predictor(img)
         elapsed = time.perf_counter() - start
@@ -181,8 +210,11 @@ def main(argv=None) -> int:
         logger.info(
             "%s: %d detections in %.3fs -> %s", path, len(instances), elapsed, out_path
         )
-    logger.info("Wrote %d visualisations to %s", len(images), args.output)
-    return 0
+    done = len(images) - len(skipped)
+    logger.info("Wrote %d visualisations to %s", done, args.output)
+    if skipped:
+        logger.warning("Skipped %d unreadable image(s): %s", len(skipped), " ".join(skipped))
+    return 0 if done else 1
 
 
 if __name__ == "__main__":

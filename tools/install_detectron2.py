@@ -187,6 +187,14 @@ PATCHES: tuple[Patch, ...] = (
         '    )',
         'cfg_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_path)',
     ),
+    # Upstream later made caffe2 (gone from torch) optional in detectron2.export: without it
+    # only the Caffe2Tracer API is lost, TracingAdapter and the TorchScript helpers remain.
+    Patch(
+        "export: caffe2 API optional",
+        "detectron2/export/__init__.py",
+        "from .api import *\n",
+        "try:\n    from .api import *  # noqa: F401,F403  (needs caffe2)\nexcept ImportError:\n    pass\n",
+    ),
     # Packaging: install as "detectron2" so `pip show detectron2` works.
     Patch("setup.py: distribution name detectron2", "setup.py", 'name="pb1-detectron2",', 'name="detectron2",'),
     # Not needed at import: black only formats LazyConfig.to_py output, and

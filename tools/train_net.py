@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import randwire_d2  # noqa: E402,F401  (registers backbones, meta-arch, datasets)
 from detectron2.engine import default_argument_parser  # noqa: E402
 from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
-from randwire_d2.engine import Trainer, setup, setup_cfg  # noqa: E402
+from randwire_d2.data.custom import check_detection_datasets  # noqa: E402
+from randwire_d2.engine import Trainer, is_classification, setup, setup_cfg  # noqa: E402
 from randwire_d2.launch import launch  # noqa: E402
 
 
@@ -39,7 +40,10 @@ def launch_from_args(args):
     MODEL.DEVICE cpu) on ``args.num_machines`` machines."""
     # read the config once here: a typo fails before any process starts, and the
     # device picks the backend (NCCL on GPUs, gloo on CPU)
-    device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE
+    cfg = setup_cfg(args.config_file, args.opts)
+    device = cfg.MODEL.DEVICE
+    if args.num_gpus * args.num_machines > 1 and not is_classification(cfg):
+        check_detection_datasets(cfg, eval_only=args.eval_only)  # one clear error, not one per worker
     return launch(
         main,
         args.num_gpus,

@@ -483,5 +483,6 @@ def register_demo_datasets(
             image_root=os.path.join(root, split),
             evaluator_type="coco",
             dataset_root=root,
+            generated_on_demand=True,  # its files appear on first load: no pre-flight file check
         )
     return tuple(names)
