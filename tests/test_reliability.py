@@ -59,9 +59,12 @@ register_demo_datasets(root={demo!r}, names=({det_train!r}, {det_val!r}), num_tr
 register_image_folder({cls_train!r}, {cls_train_root!r})
 register_image_folder({cls_val!r}, {cls_val_root!r})
 import train_net
-from detectron2.engine import default_argument_parser
 if __name__ == "__main__":
-    train_net.launch_from_args(default_argument_parser().parse_args())
+    args = train_net.argument_parser().parse_args()
+    try:
+        train_net.launch_from_args(args)
+    except Exception as exc:
+        sys.exit(train_net.error_line(exc))
 '''
 
 
@@ -154,7 +157,7 @@ def _wait(proc, opts, timeout=240):
 
 
 def _run_in_process(config, opts, *flags):
-    args = default_argument_parser().parse_args(_argv(config, opts, *flags))
+    args = train_net.argument_parser().parse_args(_argv(config, opts, *flags))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -176,7 +179,7 @@ def _fork(target, *args):
 
 
 def _main_from_argv(argv):
-    train_net.main(default_argument_parser().parse_args(argv))
+    train_net.main(train_net.argument_parser().parse_args(argv))
 
 
 def _weights(out, name="model_final.pth"):
@@ -675,3 +678,75 @@ def test_corrupt_config_typos_and_bad_values():
         ["--config-file", os.path.join(REPO, "configs/randwire_frcnn.yaml"), "--num-gpus", "2", "SOLVER.MAX_ITERR", "5"])
     with pytest.raises(KeyError, match="Non-existent config key: SOLVER.MAX_ITERR"):
         train_net.launch_from_args(args)
+
+
+# --------------------------------------------------------------------------- lifecycle
+def _ppids():
+    """{pid: parent pid} of every process (Linux /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":  # zombies are dead, only not reaped yet
+                out[int(entry)] = int(fields[1])
+    return out
+
+
+def _descendants(pid):
+    ppids, found, todo = _ppids(), set(), [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, pp in ppids.items() if pp == parent and p not in found]
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_lifecycle_sigkill_of_launcher_kills_workers_and_resume_takes_stale_lock(data, tmp_path):
+    """SIGKILL the launcher of a real 2-process CPU run: no worker survives, nothing writes
+    into OUTPUT_DIR afterwards, the lock it leaves is detected as stale, and an immediate
+    --resume (default --dist-url: a free port, not the fixed one) takes it over and finishes."""
+    from randwire_d2.output_dir import LOCK_NAME, OutputDirLock, lock_owner_status
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=100000, period=1)
+    out = opts["OUTPUT_DIR"]
+    proc = _popen(data, config, opts, "--num-gpus", "2")
+    try:
+        _wait_for(lambda: os.path.exists(os.path.join(out, "last_checkpoint")) or proc.poll() is not None,
+                  240, "the first checkpoint")
+        assert proc.poll() is None, open(out + ".log").read()[-3000:]
+        workers = _descendants(proc.pid)
+        assert len(workers) >= 2, workers
+        owner = OutputDirLock(out).read_owner()
+        assert owner["pid"] == proc.pid and lock_owner_status(owner) == "live"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _wait_for(lambda: not (workers & set(_ppids())), 30, f"workers {workers} to die with their launcher")
+    files = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
+    time.sleep(1.0)
+    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == files  # nobody writes
+    assert lock_owner_status(OutputDirLock(out).read_owner()) == "stale"
+
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        last = int(f.read().strip()[len("model_"):-len(".pth")])
+    _, resume = cls_opts(tmp_path / "out", max_iter=last + 3, period=1)
+    proc = _popen(data, config, resume, "--num-gpus", "2", "--resume")
+    _wait(proc, resume)
+    log = open(out + ".log").read()
+    assert "taking over its stale lock" in log and f"pid {owner['pid']}" in log, log[-3000:]
+    assert os.path.exists(os.path.join(out, "model_final.pth"))
+    assert not os.path.exists(os.path.join(out, LOCK_NAME))  # released at the end
