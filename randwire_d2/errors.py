@@ -38,7 +38,9 @@ def one_line(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     if isinstance(exc, KeyError) and text.startswith(("'", '"')) and text.endswith(("'", '"')):
         text = text[1:-1]  # KeyError quotes its message
-    if isinstance(exc, (TrainingError, WorkerError)) or type(exc).__module__.startswith("randwire_d2"):
+    # validation errors name the key, file or value: their type adds nothing
+    plain = (TrainingError, WorkerError, ValueError, FileNotFoundError)
+    if isinstance(exc, plain) or type(exc).__module__.startswith("randwire_d2") or text.startswith("Non-existent config key"):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

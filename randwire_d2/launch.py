@@ -124,6 +124,11 @@ def launch(
         check_port_free(dist_url)
     error_dir = tempfile.mkdtemp(prefix="randwire_launch_")
     worker = _Worker(main_func, os.getpid(), error_dir)
+    # torch logs "Terminating process ... via signal SIGTERM" for the peers of a failed
+    # worker: the failure's own one-line cause is what the user needs
+    spawn_logger = logging.getLogger("torch.multiprocessing.spawn")
+    spawn_level = spawn_logger.level
+    spawn_logger.setLevel(logging.ERROR)
     try:
         if uses_cuda(device):
             from detectron2.engine import launch as d2_launch
@@ -149,6 +154,7 @@ def launch(
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         raise WorkerError(_worker_cause(error_dir, exc, machine_rank * num_processes_per_machine)) from exc
     finally:
+        spawn_logger.setLevel(spawn_level)
         shutil.rmtree(error_dir, ignore_errors=True)
 
 

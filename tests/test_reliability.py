@@ -4,11 +4,13 @@ checkpoint integrity, hostile input.
 Select with ``-k "resume or distributed or mismatch or corrupt or fuzz"``. Everything runs
 on CPU with tiny models (C=16, N=10, 64 px images) and a few iterations.
 """
+import io
 import json
 import math
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -750,3 +752,204 @@ def test_lifecycle_sigkill_of_launcher_kills_workers_and_resume_takes_stale_lock
     assert "taking over its stale lock" in log and f"pid {owner['pid']}" in log, log[-3000:]
     assert os.path.exists(os.path.join(out, "model_final.pth"))
     assert not os.path.exists(os.path.join(out, LOCK_NAME))  # released at the end
+
+
+def _cli(data, config, opts, *flags, env=None, timeout=300):
+    """tools/train_net.py's command line (through the runner that registers the test
+    datasets): (exit code, stdout, stderr)."""
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    run_env.pop("RANDWIRE_DEBUG", None) if not env or "RANDWIRE_DEBUG" not in env else None
+    out = subprocess.run([sys.executable, data["runner"], *_argv(config, opts, *flags)], cwd=REPO, env=run_env,
+                         capture_output=True, text=True, timeout=timeout)
+    return out.returncode, out.stdout, out.stderr
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_lifecycle_lock_refuses_a_live_owner_and_an_unverifiable_host(data, tmp_path):
+    from randwire_d2.output_dir import LOCK_NAME, OutputDirLock, RunLockError
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=2)
+    args = train_net.argument_parser().parse_args(_argv(config, opts))
+    with OutputDirLock(opts["OUTPUT_DIR"]):  # a live run (this process) holds it
+        with pytest.raises(RunLockError, match=rf"is in use by another run \(pid {os.getpid()} on host"):
+            train_net.launch_from_args(args)
+        assert not os.path.exists(os.path.join(opts["OUTPUT_DIR"], "last_checkpoint"))  # nothing ran
+    lock = os.path.join(opts["OUTPUT_DIR"], LOCK_NAME)
+    assert not os.path.exists(lock)
+    with open(lock, "w") as f:
+        json.dump({"pid": os.getpid(), "host": "other-host.example", "since": 0}, f)
+    with pytest.raises(RunLockError, match=f"on another host.*delete {lock}"):
+        OutputDirLock(opts["OUTPUT_DIR"]).acquire()
+    # the same pid, reused by another process (another start time): stale
+    with open(lock, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "start_time": "1", "since": 0}, f)
+    with OutputDirLock(opts["OUTPUT_DIR"]) as taken:
+        assert taken.read_owner()["start_time"] != "1"
+
+
+def test_lifecycle_port_in_use_is_refused_and_default_url_picks_a_free_port():
+    from randwire_d2.launch import launch
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        with pytest.raises(ValueError, match=f"port {port} is already in use.*--dist-url auto"):
+            launch(print, 2, dist_url=f"tcp://127.0.0.1:{port}", device="cpu")
+    finally:
+        busy.close()
+    default = default_argument_parser().parse_args([])
+    assert train_net._dist_url(default) == "auto"
+    two_machines = default_argument_parser().parse_args(["--num-machines", "2", "--dist-url", "tcp://h:5"])
+    assert train_net._dist_url(two_machines) == "tcp://h:5"
+
+
+def _fail_on_rank_1(tag):
+    from detectron2.utils import comm
+
+    if comm.get_rank() == 1:
+        raise ValueError(f"cfg.SOMETHING = {tag!r} is invalid (rank 1 only)")
+
+
+def test_lifecycle_worker_error_comes_back_as_one_line():
+    from randwire_d2.errors import WorkerError
+    from randwire_d2.launch import launch
+
+    with pytest.raises(WorkerError) as err:
+        launch(_fail_on_rank_1, 2, args=("x",), device="cpu")
+    assert str(err.value) == "rank 1: cfg.SOMETHING = 'x' is invalid (rank 1 only)"
+
+
+# --------------------------------------------------------------------------- existing results
+def test_results_new_run_over_checkpoints_is_refused_unless_overwrite(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", max_iter=2, period=1)
+    _run_in_process(config, opts)
+    out = opts["OUTPUT_DIR"]
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".pth")}
+    assert "model_final.pth" in before
+    args = train_net.argument_parser().parse_args(_argv(config, opts))
+    with pytest.raises(ValueError, match=r"holds checkpoints of a previous run \(last_checkpoint, model_0000000\.pth"
+                                         r".*pass --resume to continue it, --overwrite to replace it"):
+        train_net.launch_from_args(args)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before  # untouched
+    # --overwrite: a fresh run, without the old run's checkpoints or metrics mixed in
+    _, longer = cls_opts(tmp_path / "out", max_iter=3, period=100)
+    train_net.launch_from_args(train_net.argument_parser().parse_args(_argv(config, longer, "--overwrite")))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["model_final.pth"]
+    old_rows = [it for it in _train_metrics(out) if it < 2]  # the old run's last iteration was 1
+    assert old_rows == [] and 2 in _train_metrics(out)
+    assert not any(torch.equal(v, _weights(out)[k]) for k, v in torch.load(
+        io.BytesIO(before["model_final.pth"]), weights_only=False)["model"].items() if v.dtype.is_floating_point
+        and v.numel() > 1)
+
+
+def test_results_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    model = _classifier()
+    ckpt = RandWireCheckpointer(model, save_dir=str(tmp_path))
+    ckpt.save("model_0000001")
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ckpt.save("model_0000003")
+    latest = tmp_path / "model_0000003.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    fresh = _classifier(seed=0)
+    with caplog.at_level("WARNING"):
+        RandWireCheckpointer(fresh, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert all(torch.equal(good[k], v) for k, v in fresh.state_dict().items())
+    assert (f"Cannot load checkpoint '{latest}'" in caplog.text
+            and f"resumed from the previous good checkpoint '{tmp_path / 'model_0000001.pth'}' instead" in caplog.text)
+    assert latest.stat().st_size == 1000  # the broken file is left for inspection
+
+
+# --------------------------------------------------------------------------- no silent wrong answers
+def _wide_classifier(channels, **extra):
+    opts = ["MODEL.RANDWIRE.CHANNELS", channels, "MODEL.RANDWIRE.NODES", 6, "MODEL.RANDWIRE.HEAD_CHANNELS", 16]
+    for k, v in extra.items():
+        opts += [k, v]
+    return build_model(setup_cfg(os.path.join(REPO, "configs/fashion_mnist/randwire_tiny.yaml"), opts))
+
+
+def test_mismatch_width_refused_naming_parameter_and_shapes(tmp_path):
+    from randwire_d2.checkpoint import to_detection_pkl
+
+    RandWireCheckpointer(_wide_classifier(8), save_dir=str(tmp_path)).save("c8")
+    path = str(tmp_path / "c8.pth")
+    wide = _wide_classifier(16)
+    start = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"its tensor 'backbone\.stem\.conv1\.weight' has shape \[4, 3, 3, 3\], the "
+                                         r"model's 'backbone\.stem\.conv1\.weight' \[8, 3, 3, 3\].*PARTIAL_WEIGHTS True"):
+        RandWireCheckpointer(wide).load(path)
+    assert all(torch.equal(start[k], v) for k, v in wide.state_dict().items())  # nothing loaded
+    # the converted .pkl into a detection backbone of another width (names matched by suffix)
+    pkl = str(tmp_path / "c8.pkl")
+    to_detection_pkl(torch.load(path, weights_only=False), pkl)
+    det = build_model(tiny_detection_cfg("configs/randwire_frcnn.yaml", "MODEL.RANDWIRE.REGIME", "small",
+                                         "MODEL.RANDWIRE.NODES", 6, "MODEL.RANDWIRE.CHANNELS", 16))
+    with pytest.raises(ValueError, match=r"its tensor 'stem\.conv1\.weight' has shape \[4, 3, 3, 3\], the model's "
+                                         r"'backbone\.bottom_up\.stem\.conv1\.weight' \[8, 3, 3, 3\]"):
+        RandWireCheckpointer(det).load(pkl)
+    # opting into partial loading: the fitting tensors load (here: none but shape-free ones), no error
+    RandWireCheckpointer(_wide_classifier(16), partial_weights=True).load(path)
+    # a checkpoint of an unrelated model: nothing fits
+    torch.save({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"none of its 1 tensors \(e\.g\. 'foo\.weight'\) matches"):
+        RandWireCheckpointer(wide).load(str(tmp_path / "other.pth"))
+
+
+def test_mismatch_optimizer_on_resume_is_refused_saying_what_differs(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", max_iter=2, period=1)
+    _run_in_process(config, opts)
+    _, adamw = cls_opts(tmp_path / "out", max_iter=4, period=1, **{"SOLVER.OPTIMIZER": "AdamW"})
+    with pytest.raises(ValueError, match=r"its optimizer state is SGD \(param-group settings momentum, nesterov, "
+                                         r"dampening\) but this run's SOLVER.OPTIMIZER is 'AdamW'"):
+        _run_in_process(config, adamw, "--resume")
+    _, grouped = cls_opts(tmp_path / "out", max_iter=4, period=1, **{"SOLVER.WEIGHT_DECAY_NORM": 0.5})
+    with pytest.raises(ValueError, match=r"parameter group\(s\) of .* tensors, this run's .*WEIGHT_DECAY_NORM"):
+        _run_in_process(config, grouped, "--resume")
+
+
+def _image_folder(root, classes, n=2):
+    rng = np.random.default_rng(1)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return str(root)
+
+
+def _register(name, root, **kwargs):
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    return register_image_folder(name, root, **kwargs)
+
+
+def test_mismatch_image_folder_class_lists_and_num_classes(data, tmp_path):
+    from randwire_d2.data.classification import check_classification_datasets
+
+    train = _register("rel_cls3_train", _image_folder(tmp_path / "train", ["ant", "bee", "cat"]))
+    val = _register("rel_cls3_val", _image_folder(tmp_path / "val", ["ant", "cat"]))  # no 'bee' folder
+    config, opts = cls_opts(tmp_path / "out", **{"DATASETS.TRAIN": (train,), "DATASETS.TEST": (val,),
+                                                 "MODEL.RANDWIRE.NUM_CLASSES": 3})
+    cfg = setup_cfg(*_cfg_args(config, opts))
+    with pytest.raises(ValueError, match=r"Datasets 'rel_cls3_train' and 'rel_cls3_val' have different class lists "
+                                         r"\(3 vs 2 classes; only in 'rel_cls3_train': \['bee'\].*classes="):
+        check_classification_datasets(cfg)
+    # in the launcher too, before any process starts, whatever --num-gpus
+    args = train_net.argument_parser().parse_args(_argv(config, opts, "--num-gpus", "2"))
+    with pytest.raises(ValueError, match="different class lists"):
+        train_net.launch_from_args(args)
+    # mapped explicitly: val's labels are indices in the training classes
+    _register("rel_cls3_val", str(tmp_path / "val"), classes=["ant", "bee", "cat"])
+    check_classification_datasets(cfg)
+    assert sorted({d["label"] for d in DatasetCatalog.get("rel_cls3_val")}) == [0, 2]
+    cfg.MODEL.RANDWIRE.NUM_CLASSES = 2  # fewer outputs than classes: was "IndexError: Target 2 is out of bounds"
+    with pytest.raises(ValueError, match=r"NUM_CLASSES = 2 but DATASETS.TRAIN dataset 'rel_cls3_train' has 3 "
+                                         r"classes: set MODEL.RANDWIRE.NUM_CLASSES 3"):
+        check_classification_datasets(cfg)
