@@ -259,12 +259,12 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     except Exception:
         logger.error(f"Process group URL: {dist_url} (rank {global_rank} of {world_size})")
         raise
-    try:
-        _set_local_process_group(num_per_machine, machine_rank)
-        comm.synchronize()
-        main_func(*args)
-    finally:
-        shutdown_process_group()
+    _set_local_process_group(num_per_machine, machine_rank)
+    comm.synchronize()
+    # on failure, no teardown barrier: peers may wait for this rank inside a collective
+    # (detectron2 raises on a non-finite loss in rank 0 only); the launcher ends them
+    main_func(*args)
+    shutdown_process_group()
 
 
 def shutdown_process_group() -> None:

@@ -4,6 +4,7 @@ checkpoint integrity, hostile input.
 Select with ``-k "resume or distributed or mismatch or corrupt or fuzz"``. Everything runs
 on CPU with tiny models (C=16, N=10, 64 px images) and a few iterations.
 """
+import errno
 import io
 import json
 import math
@@ -646,7 +647,9 @@ def test_corrupt_missing_or_unreadable_images_error_names_file(tmp_path):
 
 
 def test_corrupt_nonfinite_loss_stops_training_naming_iteration(data, tmp_path):
-    config, opts = cls_opts(tmp_path / "out", max_iter=6, period=100)
+    from randwire_d2.errors import TrainingError
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=6, period=1)
     args = default_argument_parser().parse_args(_argv(config, opts))
     cfg = engine.setup(args)
     trainer = Trainer(cfg)
@@ -661,9 +664,13 @@ def test_corrupt_nonfinite_loss_stops_training_naming_iteration(data, tmp_path):
         return losses
 
     model.forward = nan_from_iteration_2
-    with pytest.raises(FloatingPointError, match="Loss became infinite or NaN at iteration=2"):
+    with pytest.raises(TrainingError, match=r"^training stopped at iteration 2: FloatingPointError: Loss became "
+                                            r"infinite or NaN at iteration=2!.*\(last good checkpoint: .*model_0000001"
+                                            r"\.pth\)$") as err:
         trainer.train()
+    assert err.value.iteration == 2 and "\n" not in str(err.value)
     assert not os.path.exists(tmp_path / "out" / "model_final.pth")
+    RandWireCheckpointer(build_model(cfg)).load(str(tmp_path / "out" / "model_0000001.pth"))  # intact
 
 
 def test_corrupt_config_typos_and_bad_values():
@@ -953,3 +960,92 @@ def test_mismatch_image_folder_class_lists_and_num_classes(data, tmp_path):
     with pytest.raises(ValueError, match=r"NUM_CLASSES = 2 but DATASETS.TRAIN dataset 'rel_cls3_train' has 3 "
                                          r"classes: set MODEL.RANDWIRE.NUM_CLASSES 3"):
         check_classification_datasets(cfg)
+
+
+# --------------------------------------------------------------------------- one-line errors
+def test_errors_config_mistake_with_two_processes_is_one_line_before_any_process(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", **{"SOLVER.CHECKPOINT_PERIOD": 0})
+    rc, stdout, stderr = _cli(data, config, opts, "--num-gpus", "2")
+    assert rc == 1 and "Traceback" not in stderr and "ProcessRaisedException" not in stderr, stderr[-3000:]
+    assert _error_lines(stderr) == [
+        "error: cfg.SOLVER.CHECKPOINT_PERIOD = 0 is invalid: an integer >= 1. (traceback: RANDWIRE_DEBUG=1)"
+    ], stderr[-3000:]
+    assert not os.path.exists(os.path.join(opts["OUTPUT_DIR"], "log.txt"))  # no worker started
+
+
+def test_errors_during_training_are_one_line_with_iteration_and_traceback_in_log(data, tmp_path):
+    """A diverging run (LR 1e30: non-finite loss) through the command line, 2 processes:
+    one error line naming the rank, the iteration and the last good checkpoint; the
+    traceback in log.txt, on the console only with RANDWIRE_DEBUG=1."""
+    config, opts = cls_opts(tmp_path / "out", max_iter=8, period=1, **{"SOLVER.BASE_LR": 1e30,
+                                                                        "SOLVER.WARMUP_ITERS": 0})
+    rc, stdout, stderr = _cli(data, config, opts, "--num-gpus", "2")
+    lines = _error_lines(stderr)
+    assert rc == 1 and "Traceback" not in stderr + stdout and len(lines) == 1, stderr[-3000:]
+    it = int(lines[0].split("iteration ")[1].split(":")[0])
+    assert lines[0].startswith(f"error: rank 0: training stopped at iteration {it}: FloatingPointError: Loss became "
+                               f"infinite or NaN at iteration={it}!"), lines
+    assert lines[0].endswith(f"(last good checkpoint: {opts['OUTPUT_DIR']}/model_{it - 1:07d}.pth) "
+                             "(traceback: RANDWIRE_DEBUG=1, or OUTPUT_DIR/log.txt)"), lines
+    log = open(os.path.join(opts["OUTPUT_DIR"], "log.txt")).read()
+    assert "Traceback" in log and "FloatingPointError" in log
+    RandWireCheckpointer(build_model(setup_cfg(*_cfg_args(config, opts)))).load(
+        os.path.join(opts["OUTPUT_DIR"], f"model_{it - 1:07d}.pth"))  # the last good one is intact
+    _, debug = cls_opts(tmp_path / "debug", max_iter=8, period=1, **{"SOLVER.BASE_LR": 1e30, "SOLVER.WARMUP_ITERS": 0})
+    rc, stdout, stderr = _cli(data, config, debug, env={"RANDWIRE_DEBUG": "1"})
+    assert rc != 0 and "Traceback" in stderr + stdout
+
+
+def test_errors_disk_full_during_checkpoint_keeps_last_good_one(data, tmp_path, monkeypatch):
+    from randwire_d2.errors import TrainingError
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=6, period=2)
+    real_save = torch.save
+    saves = []
+
+    def save_then_fill_disk(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) > 1:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_then_fill_disk)
+    with pytest.raises(TrainingError, match=r"^training stopped at iteration 3: OSError: \[Errno 28\] No space left "
+                                            r"on device \(last good checkpoint: .*model_0000001\.pth\)$"):
+        _run_in_process(config, opts)
+    monkeypatch.setattr(torch, "save", real_save)
+    out = opts["OUTPUT_DIR"]
+    assert sorted(f for f in os.listdir(out) if "model" in f) == ["model_0000001.pth"]
+    RandWireCheckpointer(build_model(setup_cfg(*_cfg_args(config, opts)))).load(os.path.join(out, "model_0000001.pth"))
+
+
+def test_errors_corrupt_image_during_training_names_file_and_iteration(data, tmp_path):
+    from randwire_d2.errors import TrainingError
+
+    root = tmp_path / "imgs"
+    _image_folder(root, ["dark", "bright"], n=2)
+    broken = root / "bright" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    name = _register("rel_cls_corrupt", str(root))
+    config, opts = cls_opts(tmp_path / "out", max_iter=8, **{"DATASETS.TRAIN": (name,)})
+    with pytest.raises(TrainingError, match=rf"^training stopped at iteration \d+: Cannot read image '{broken}'"):
+        _run_in_process(config, opts)
+
+
+def test_errors_unwritable_output_dir_is_refused_before_launch(data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config, opts = cls_opts(blocker / "out")
+    args = train_net.argument_parser().parse_args(_argv(config, opts, "--num-gpus", "2"))
+    with pytest.raises(ValueError, match=rf"cfg.OUTPUT_DIR = '{blocker / 'out'}' is not a writable folder: "
+                                         "NotADirectoryError"):
+        train_net.launch_from_args(args)
+
+
+def test_errors_overridden_settings_reported_after_logging_starts(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", max_iter=50, **{"SOLVER.EPOCHS": 1.0})  # 12 images / batch 4
+    _run_in_process(config, opts)
+    log = open(os.path.join(opts["OUTPUT_DIR"], "log.txt")).read()
+    assert ("SOLVER.MAX_ITER = 50 (set in the config/command line) is replaced by 3: SOLVER.EPOCHS" in log), log[-3000:]
+    assert max(_train_metrics(opts["OUTPUT_DIR"])) <= 3
