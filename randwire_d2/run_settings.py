@@ -12,9 +12,7 @@ from functools import reduce
 
 __all__ = ["check_run_values"]
 
-LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR")
 WARMUP_METHODS = ("linear", "constant")
-SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
 OPTIMIZERS = ("SGD", "AdamW")
 CLIP_TYPES = ("value", "norm")
 FLIPS = ("horizontal", "vertical", "none")
@@ -22,6 +20,25 @@ CROP_TYPES = ("relative_range", "relative", "absolute", "absolute_range")
 SIZE_SAMPLING = ("choice", "range", "range_by_clipping")
 FORMATS = ("BGR", "RGB")
 CLS_AUGS = ("random_resized_crop", "pad_crop")
+
+
+def _lr_schedulers():
+    """The scheduler names this detectron2 knows (HEAD adds WarmupStepWithFixedGammaLR)."""
+    import inspect
+
+    from detectron2.solver import build
+
+    names = ["WarmupMultiStepLR", "WarmupCosineLR"]
+    if "WarmupStepWithFixedGammaLR" in inspect.getsource(build.build_lr_scheduler):
+        names.append("WarmupStepWithFixedGammaLR")
+    return tuple(names)
+
+
+def _samplers(cfg):
+    names = ["TrainingSampler", "RepeatFactorTrainingSampler"]
+    if _has(cfg, "DATALOADER.RANDOM_SUBSET_RATIO"):  # HEAD (v0.6 has the sampler, not its key)
+        names.append("RandomSubsetTrainingSampler")
+    return tuple(names)
 
 
 def _get(cfg, key):
@@ -93,7 +110,7 @@ def _ints(cfg, key, low, min_len=1, increasing=False):
 
 
 def _check_solver(cfg, world_size):
-    _choice(cfg, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
+    _choice(cfg, "SOLVER.LR_SCHEDULER_NAME", _lr_schedulers())
     epochs = _num(cfg, "SOLVER.EPOCHS") if _has(cfg, "SOLVER.EPOCHS") else 0.0
     if _has(cfg, "SOLVER.WARMUP_EPOCHS"):
         _num(cfg, "SOLVER.WARMUP_EPOCHS")
@@ -146,8 +163,11 @@ def _check_data(cfg):
     _int(cfg, "DATALOADER.NUM_WORKERS", 0)
     _bool(cfg, "DATALOADER.ASPECT_RATIO_GROUPING")
     _bool(cfg, "DATALOADER.FILTER_EMPTY_ANNOTATIONS")
-    if _choice(cfg, "DATALOADER.SAMPLER_TRAIN", SAMPLERS) == "RepeatFactorTrainingSampler":
+    sampler = _choice(cfg, "DATALOADER.SAMPLER_TRAIN", _samplers(cfg))
+    if sampler == "RepeatFactorTrainingSampler":
         _num(cfg, "DATALOADER.REPEAT_THRESHOLD", 0.0, low_open=True)
+    elif sampler == "RandomSubsetTrainingSampler":
+        _num(cfg, "DATALOADER.RANDOM_SUBSET_RATIO", 0.0, 1.0, low_open=True)
     if _has(cfg, "DATALOADER.CLS_PREFETCH_FACTOR"):
         _int(cfg, "DATALOADER.CLS_PREFETCH_FACTOR", 1)
     _int(cfg, "TEST.EVAL_PERIOD", 0)
