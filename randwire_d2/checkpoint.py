@@ -1,10 +1,13 @@
 """Checkpoints that carry their graph specs, are written atomically, and refuse a
-model wired differently from the one they were trained with."""
+model wired differently from the one they were trained with, or of other shapes
+(another width or preset), unless partial loading is asked for; on resume, an
+unreadable latest checkpoint falls back to the previous good one."""
 import glob
 import logging
 import os
 import pickle
-from typing import Dict, Mapping
+import re
+from typing import Dict, List, Mapping
 
 import numpy as np
 import torch
@@ -116,9 +119,70 @@ def check_graph_specs(model_specs: Mapping[str, GraphSpec], stored: Mapping[str,
         )
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, missing)."""
+
+
+def _shape(value):
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def check_tensor_shapes(model_state: Mapping, ckpt_state: Mapping, source: str, by_suffix: bool = False) -> None:
+    """Refuse a checkpoint whose tensors do not fit the model: the first tensor of another
+    shape is named with both shapes; a checkpoint of which no tensor fits any parameter
+    is refused too. (detectron2 would skip them with a warning and train from scratch.)
+    ``by_suffix``: names match by suffix, as detectron2's matching heuristics do."""
+    shapes = {k: tuple(v.shape) for k, v in model_state.items()}
+    suffixes: Dict[str, List[str]] = {}
+    if by_suffix:
+        for k in shapes:
+            parts = k.split(".")
+            for i in range(len(parts)):
+                suffixes.setdefault(".".join(parts[i:]), []).append(k)
+    fitting = 0
+    for key, value in ckpt_state.items():
+        shape = _shape(value)
+        name = key[len("module."):] if key.startswith("module.") else key
+        targets = [name] if name in shapes else suffixes.get(name, [])
+        if shape is None or len(targets) != 1:
+            continue
+        if shapes[targets[0]] != shape:
+            raise ValueError(
+                f"Checkpoint {source} does not fit the model: its tensor {key!r} has shape {list(shape)}, the "
+                f"model's {targets[0]!r} {list(shapes[targets[0]])} (first mismatch: another width or preset, "
+                "e.g. MODEL.RANDWIRE.CHANNELS/REGIME/NUM_CLASSES?). Set MODEL.RANDWIRE.PARTIAL_WEIGHTS True to "
+                "load only the tensors that fit."
+            )
+        fitting += 1
+    if ckpt_state and not fitting:
+        example = next(iter(ckpt_state))
+        raise ValueError(
+            f"Checkpoint {source} does not fit the model: none of its {len(ckpt_state)} tensors (e.g. {example!r}) "
+            "matches a parameter of the model. Set MODEL.RANDWIRE.PARTIAL_WEIGHTS True to load it anyway."
+        )
+
+
+_ITER_RE = re.compile(r"model_(\d+)\.pth$")
+
+
+def _checkpoint_rank(path: str) -> float:
+    match = _ITER_RE.search(os.path.basename(path))
+    if match:
+        return int(match.group(1))
+    return float("inf") if os.path.basename(path) == "model_final.pth" else -1
+
+
 class RandWireCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that saves graph specs, writes atomically, verifies specs
-    on load, and accepts classification checkpoints for detection models."""
+    and tensor shapes on load, accepts classification checkpoints for detection models,
+    and resumes from the previous good checkpoint when the latest one is unreadable.
+
+    ``partial_weights`` (cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS): load only the tensors that fit."""
+
+    def __init__(self, model, save_dir: str = "", *, partial_weights: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.partial_weights = bool(partial_weights)
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -142,7 +206,31 @@ class RandWireCheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(filename)
         except Exception as exc:  # a truncated/corrupt file: name it, not pickle's internals
-            raise ValueError(f"Cannot load checkpoint {filename!r}: {type(exc).__name__}: {exc}") from exc
+            raise CheckpointReadError(f"Cannot load checkpoint {filename!r}: {type(exc).__name__}: {exc}") from exc
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        latest = self.get_checkpoint_file()
+        try:
+            if not os.path.isfile(latest):
+                raise CheckpointReadError(f"Cannot load checkpoint {latest!r}: the file does not exist")
+            return self.load(latest)
+        except CheckpointReadError as exc:
+            problem = exc
+        for candidate in self._older_checkpoints(latest):
+            try:
+                loaded = self.load(candidate)
+            except CheckpointReadError:
+                continue
+            self.logger.warning(f"{problem}; resumed from the previous good checkpoint {candidate!r} instead.")
+            return loaded
+        raise problem
+
+    def _older_checkpoints(self, latest: str) -> List[str]:
+        rank = _checkpoint_rank(latest)
+        others = [p for p in glob.glob(os.path.join(glob.escape(self.save_dir), "model_*.pth")) if p != latest]
+        return sorted((p for p in others if _checkpoint_rank(p) < rank), key=_checkpoint_rank, reverse=True)
 
     def _load_model(self, checkpoint):
         source = getattr(self, "_current_file", "(checkpoint)")
@@ -155,6 +243,11 @@ class RandWireCheckpointer(DetectionCheckpointer):
             self.logger.info("Loading a RandWire classification checkpoint into the backbone.")
             checkpoint["model"] = classification_to_backbone(checkpoint["model"])
             checkpoint["matching_heuristics"] = True
+        if not self.partial_weights:
+            check_tensor_shapes(
+                self.model.state_dict(), checkpoint["model"], source,
+                by_suffix=bool(checkpoint.get("matching_heuristics", False)),
+            )
         return super()._load_model(checkpoint)
 
     def load(self, path: str, checkpointables=None):

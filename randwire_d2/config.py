@@ -43,6 +43,10 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.RECOMPUTE = False
     # torch.compile the RandWire network (the backbone, not the whole detector)
     rw.COMPILE = False
+    # Loading a checkpoint (MODEL.WEIGHTS, --resume) with a tensor whose shape does not fit
+    # the model (another width or preset) is refused, naming it. True: load only the
+    # tensors that fit, skipping the others with a warning (detectron2's behaviour).
+    rw.PARTIAL_WEIGHTS = False
     # Classification (pretraining) head
     rw.NUM_CLASSES = 1000
     rw.HEAD_CHANNELS = 1280

@@ -45,6 +45,8 @@ from .data.custom import (
     register_custom_datasets,
 )
 from .data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts
+from .errors import TrainingError, hide_console_tracebacks, one_line
+from .run_settings import check_run_values
 
 logger = logging.getLogger("randwire_d2")
 CLASSIFIER = "RandWireClassifier"
@@ -218,8 +220,7 @@ class Trainer(DefaultTrainer):
     exactly resumable data and RNG streams, CPU DDP, and checked input data."""
 
     def __init__(self, cfg):
-        if cfg.SOLVER.AMP.ENABLED and not (torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda")):
-            # detectron2's AMPTrainer requires CUDA; keep the run going in fp32.
+        if _amp_needs_cuda(cfg):  # setup() already did this (and said so) for train_net runs
             logger.warning("SOLVER.AMP.ENABLED is set but the model is not on CUDA: training in fp32.")
             cfg = cfg.clone()
             cfg.defrost()
@@ -228,11 +229,31 @@ class Trainer(DefaultTrainer):
         with _ddp_for_cpu_models():
             super().__init__(cfg)
 
+    def train(self):
+        """detectron2's training loop; an exception becomes a one-line :class:`TrainingError`
+        naming the iteration and the last good checkpoint (detectron2 has logged the
+        traceback to the log file; checkpoints are written atomically, so the last one
+        is intact)."""
+        try:
+            return super().train()
+        except Exception as exc:
+            raise TrainingError(
+                f"training stopped at iteration {self.iter}: {one_line(exc)} ({self._last_good_checkpoint()})",
+                self.iter,
+            ) from exc
+
+    def _last_good_checkpoint(self) -> str:
+        if self.checkpointer.has_checkpoint():
+            return f"last good checkpoint: {self.checkpointer.get_checkpoint_file()}"
+        return "no checkpoint was written"
+
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer just before calling us;
         # swap it before the checkpoint hook captures it.
         old = self.checkpointer
-        self.checkpointer = RandWireCheckpointer(old.model, old.save_dir, **old.checkpointables)
+        self.checkpointer = RandWireCheckpointer(
+            old.model, old.save_dir, partial_weights=self.cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS, **old.checkpointables
+        )
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             hook = ExactResumeHook(loader=loader)
@@ -257,6 +278,15 @@ class Trainer(DefaultTrainer):
             TrainerBase.load_state_dict(self, state_dict)
             logger.warning("The checkpoint has no optimizer state (saved by detectron2 v0.6?): momentum restarts.")
             return
+        from .solver import describe_optimizer_mismatch
+
+        problem = describe_optimizer_mismatch(self.optimizer, state_dict["_trainer"].get("optimizer"), self.cfg)
+        if problem:
+            raise ValueError(
+                f"Cannot resume from the checkpoint in {self.cfg.OUTPUT_DIR!r}: {problem}. Resume with the "
+                "checkpoint's settings, or start a new run from its weights (MODEL.WEIGHTS <checkpoint>, "
+                "another OUTPUT_DIR, no --resume)."
+            )
         super().load_state_dict(state_dict)
         if not self._D2_SAVES_TRAINER:
             self._trainer.load_state_dict(state_dict["_trainer"])
@@ -279,8 +309,9 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         resumable = cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
         if is_classification(cfg):
-            from .data.classification import build_classification_train_loader
+            from .data.classification import build_classification_train_loader, check_classification_datasets
 
+            check_classification_datasets(cfg)
             if not resumable:
                 logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN} is not used for classification.")
             return build_classification_train_loader(cfg)
@@ -386,6 +417,8 @@ def setup_cfg(config_file: str, opts=()):
     cfg = get_cfg()
     add_randwire_config(cfg)
     add_classification_config(cfg)
+    if config_file is None:  # the defaults only
+        return cfg
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--config-file {config_file!r} does not exist.")
@@ -413,11 +446,16 @@ def model_num_classes(model) -> Optional[int]:
     return getattr(model, "num_classes", None)
 
 
-def check_run_settings(cfg, resume: bool = False) -> None:
-    """Refuse settings that would fail deep inside torch or train a broken model."""
+def check_run_settings(cfg, resume: bool = False, world_size: Optional[int] = None) -> None:
+    """Refuse settings that would fail deep inside torch or train a broken model.
+    ``world_size``: the number of processes (default: the current process group's)."""
     device = str(cfg.MODEL.DEVICE)
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"cfg.MODEL.DEVICE = {device!r} is invalid: 'cpu', 'cuda' or 'cuda:N'.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"cfg.MODEL.DEVICE = {device!r} but no CUDA device is available: add MODEL.DEVICE cpu.")
+    world = comm.get_world_size() if world_size is None else world_size
+    check_run_values(cfg, world_size=world, classification=is_classification(cfg))
     weights = cfg.MODEL.WEIGHTS
     resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if weights and "://" not in weights and not os.path.isfile(weights) and not resuming:
@@ -427,7 +465,6 @@ def check_run_settings(cfg, resume: bool = False) -> None:
             "to train from scratch."
         )
     rw = cfg.MODEL.RANDWIRE
-    world = comm.get_world_size()
     if world > 1 and not device.startswith("cuda"):
         norms = {
             "MODEL.RANDWIRE.NORM": rw.NORM,
@@ -442,11 +479,6 @@ def check_run_settings(cfg, resume: bool = False) -> None:
                     f"{world}-process run is on {device!r}: use 'naiveSyncBN' (detectron2's all-reduce "
                     "BN, works with gloo on CPU), 'GN' or 'BN'."
                 )
-    if cfg.SOLVER.IMS_PER_BATCH <= 0 or cfg.SOLVER.IMS_PER_BATCH % world:
-        raise ValueError(
-            f"cfg.SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} must be a positive multiple of the "
-            f"number of processes ({world}): it is the total batch over all of them."
-        )
     if not weights and rw.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.NAME.startswith("build_randwire"):
         raise ValueError(
             "cfg.MODEL.RANDWIRE.NORM = 'FrozenBN' with no MODEL.WEIGHTS freezes randomly initialised "
@@ -454,15 +486,68 @@ def check_run_settings(cfg, resume: bool = False) -> None:
         )
 
 
+def _amp_needs_cuda(cfg) -> bool:
+    # detectron2's AMPTrainer requires CUDA
+    return bool(cfg.SOLVER.AMP.ENABLED) and not (torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda"))
+
+
+# settings the code may replace, and what replaces them
+DERIVED = {
+    "SOLVER.BASE_LR": "SOLVER.LR_PER_256 x IMS_PER_BATCH / 256",
+    "SOLVER.MAX_ITER": "SOLVER.EPOCHS",
+    "SOLVER.WARMUP_ITERS": "SOLVER.WARMUP_EPOCHS",
+    "SOLVER.CHECKPOINT_PERIOD": "SOLVER.CHECKPOINT_EPOCHS",
+    "TEST.EVAL_PERIOD": "TEST.EVAL_EPOCHS",
+    "SOLVER.AMP.ENABLED": "no CUDA device: training in fp32",
+}
+
+
+def _get_key(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def derive_settings(cfg) -> List[str]:
+    """Resolve the settings computed from others (epoch schedules, LR scaling, AMP off
+    without CUDA) in a defrosted ``cfg``; return one message per setting that changed."""
+    before = {key: _get_key(cfg, key) for key in DERIVED}
+    if is_classification(cfg):
+        from .solver import resolve_schedule
+
+        resolve_schedule(cfg)
+    if _amp_needs_cuda(cfg):
+        cfg.SOLVER.AMP.ENABLED = False
+    defaults = setup_cfg(None)
+    messages = []
+    for key, why in DERIVED.items():
+        old, new = before[key], _get_key(cfg, key)
+        if old != new:
+            given = "" if old == _get_key(defaults, key) else " (set in the config/command line)"
+            messages.append(f"{key} = {old!r}{given} is replaced by {new!r}: {why}")
+    return messages
+
+
+def setup_logging(cfg) -> None:
+    """randwire_d2's own logger to the console and OUTPUT_DIR/log.txt like detectron2's;
+    tracebacks only to the log file (unless RANDWIRE_DEBUG=1)."""
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="randwire_d2", abbrev_name="rw")
+    logging.getLogger("randwire_d2").propagate = True  # and to the root's handlers, if any (pytest's caplog)
+    hide_console_tracebacks()
+
+
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts)
     check_run_settings(cfg, resume=args.resume)
     if not is_classification(cfg):
         check_detection_datasets(cfg, eval_only=args.eval_only)
-    if is_classification(cfg):
-        from .solver import resolve_schedule
-
-        resolve_schedule(cfg)
+    changes = derive_settings(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logging(cfg)
+    for message in changes:  # now that logging is set up
+        logger.warning(message)
     return cfg

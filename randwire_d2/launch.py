@@ -9,11 +9,28 @@ at HEAD, ``comm._LOCAL_PROCESS_GROUP`` in v0.6), so ``comm.get_local_rank()`` wo
 
 Multi-machine: call it on every machine with the same ``num_machines`` and ``dist_url``
 (``tcp://HOST:PORT`` of machine 0) and that machine's ``machine_rank``.
+
+Lifecycle: every worker dies with its launcher, whatever ends the launcher (SIGKILL
+included): Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``) plus a thread that
+watches the parent pid (other systems, and the window before prctl). A worker that
+fails writes its one-line cause to a file the launcher reads, so the launcher raises
+:class:`~randwire_d2.errors.WorkerError` with that cause instead of torch's
+``ProcessRaisedException`` wrapping a traceback.
 """
+import ctypes
 import datetime
+import errno
+import json
 import logging
 import os
+import shutil
+import signal
 import socket
+import sys
+import tempfile
+import threading
+import time
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -21,7 +38,9 @@ import torch.multiprocessing as mp
 
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "uses_cuda"]
+from .errors import WorkerError, one_line
+
+__all__ = ["DEFAULT_TIMEOUT", "check_port_free", "die_with_parent", "launch", "uses_cuda"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +61,27 @@ def _find_free_port() -> int:
     port = sock.getsockname()[1]
     sock.close()
     return port
+
+
+def check_port_free(dist_url: str) -> None:
+    """On the machine that hosts the rendezvous (machine 0): refuse a tcp:// port that is
+    already taken, before any worker fails on it with EADDRINUSE."""
+    url = urlparse(dist_url)
+    if url.scheme != "tcp" or url.port is None:
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle, a listener is
+    try:
+        sock.bind(("", url.port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            return
+        raise ValueError(
+            f"--dist-url {dist_url}: port {url.port} is already in use (another training on this machine?): "
+            "pass --dist-url auto to pick a free port (single machine), or another port."
+        ) from None
+    finally:
+        sock.close()
 
 
 def _check_launch_args(num_per_machine, num_machines, machine_rank, dist_url):
@@ -80,27 +120,116 @@ def launch(
         return main_func(*args)
     if dist_url is None or dist_url == "auto":
         dist_url = "auto" if uses_cuda(device) else f"tcp://127.0.0.1:{_find_free_port()}"
-    if uses_cuda(device):
-        from detectron2.engine import launch as d2_launch
+    elif machine_rank == 0:
+        check_port_free(dist_url)
+    error_dir = tempfile.mkdtemp(prefix="randwire_launch_")
+    worker = _Worker(main_func, os.getpid(), error_dir)
+    # torch logs "Terminating process ... via signal SIGTERM" for the peers of a failed
+    # worker: the failure's own one-line cause is what the user needs
+    spawn_logger = logging.getLogger("torch.multiprocessing.spawn")
+    spawn_level = spawn_logger.level
+    spawn_logger.setLevel(logging.ERROR)
+    try:
+        if uses_cuda(device):
+            from detectron2.engine import launch as d2_launch
 
-        return d2_launch(
-            main_func,
-            num_processes_per_machine,
-            num_machines=num_machines,
-            machine_rank=machine_rank,
-            dist_url=dist_url,
-            args=args,
-            timeout=timeout,
+            return d2_launch(
+                worker,
+                num_processes_per_machine,
+                num_machines=num_machines,
+                machine_rank=machine_rank,
+                dist_url=dist_url,
+                args=args,
+                timeout=timeout,
+            )
+        if num_machines > 1 and dist_url.startswith("file://"):
+            logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
+        mp.start_processes(
+            _cpu_worker,
+            nprocs=num_processes_per_machine,
+            args=(worker, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
+            daemon=False,
+            start_method="spawn",
         )
-    if num_machines > 1 and dist_url.startswith("file://"):
-        logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
-    mp.start_processes(
-        _cpu_worker,
-        nprocs=num_processes_per_machine,
-        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
-        daemon=False,
-        start_method="spawn",
-    )
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        raise WorkerError(_worker_cause(error_dir, exc, machine_rank * num_processes_per_machine)) from exc
+    finally:
+        spawn_logger.setLevel(spawn_level)
+        shutil.rmtree(error_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- worker lifecycle
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Make this process die when ``parent_pid`` (its launcher) does, by any signal.
+
+    Linux: the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG). Also,
+    everywhere: a daemon thread polls the parent pid (a dead parent makes us an orphan
+    whose ppid changes), which covers systems without prctl."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="randwire-parent-watch", daemon=True).start()
+
+
+class _Worker:
+    """``main_func`` as run in a worker: dies with the launcher; on failure, leaves its
+    one-line cause in ``error_dir`` for the launcher (torch only passes a traceback)."""
+
+    def __init__(self, main_func, parent_pid: int, error_dir: str):
+        self.main_func = main_func
+        self.parent_pid = parent_pid
+        self.error_dir = error_dir
+
+    def guard(self) -> None:
+        die_with_parent(self.parent_pid)
+
+    def __call__(self, *args):
+        self.guard()
+        try:
+            return self.main_func(*args)
+        except Exception as exc:
+            rank = comm.get_rank() if dist.is_available() and dist.is_initialized() else None
+            path = os.path.join(self.error_dir, f"error.{os.getpid()}.json")
+            with open(path, "w") as f:
+                json.dump({"rank": rank, "message": one_line(exc), "time": time.time()}, f)
+            raise
+
+
+def _worker_cause(error_dir: str, exc: Exception, first_global_rank: int) -> str:
+    """The failed worker's own one-line message (the first one written: later failures of
+    its peers are consequences), else torch's description of the failure."""
+    reports = []
+    for name in os.listdir(error_dir):
+        try:
+            with open(os.path.join(error_dir, name)) as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    if reports:
+        first = min(reports, key=lambda r: r["time"])
+        rank = first["rank"]
+        return (f"rank {rank}: " if rank is not None else "") + first["message"]
+    index = getattr(exc, "error_index", None)
+    rank = f"rank {first_global_rank + index}: " if index is not None else ""
+    if isinstance(exc, mp.ProcessExitedException) and exc.exit_code is not None and exc.exit_code < 0:
+        name = signal.Signals(-exc.exit_code).name
+        return f"{rank}worker process {exc.error_pid} was killed by {name} (out of memory?)"
+    return rank + one_line(exc).splitlines()[0][:500]
 
 
 def _set_local_process_group(num_per_machine: int, machine_rank: int) -> None:
@@ -117,6 +246,8 @@ def _set_local_process_group(num_per_machine: int, machine_rank: int) -> None:
 
 
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
+    if isinstance(main_func, _Worker):
+        main_func.guard()  # before the rendezvous, which can wait for minutes
     global_rank = machine_rank * num_per_machine + local_rank
     if "OMP_NUM_THREADS" not in os.environ:
         # N processes on one machine: share the cores instead of oversubscribing them
@@ -128,12 +259,12 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     except Exception:
         logger.error(f"Process group URL: {dist_url} (rank {global_rank} of {world_size})")
         raise
-    try:
-        _set_local_process_group(num_per_machine, machine_rank)
-        comm.synchronize()
-        main_func(*args)
-    finally:
-        shutdown_process_group()
+    _set_local_process_group(num_per_machine, machine_rank)
+    comm.synchronize()
+    # on failure, no teardown barrier: peers may wait for this rank inside a collective
+    # (detectron2 raises on a non-finite loss in rank 0 only); the launcher ends them
+    main_func(*args)
+    shutdown_process_group()
 
 
 def shutdown_process_group() -> None:

@@ -117,6 +117,44 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
+# hyper-parameters that only one optimizer family has in its param groups
+_FAMILY_KEYS = {"SGD": ("momentum", "nesterov", "dampening"), "AdamW": ("betas", "eps", "amsgrad")}
+
+
+def _family(group_keys) -> str:
+    for name, keys in _FAMILY_KEYS.items():
+        if keys[0] in group_keys:
+            return name
+    return "unknown"
+
+
+def describe_optimizer_mismatch(optimizer: torch.optim.Optimizer, saved, cfg=None) -> str:
+    """Why the optimizer state ``saved`` (a state_dict) cannot be loaded into
+    ``optimizer``, or '' if it can. torch would load mismatched groups and fail later
+    (``KeyError: 'momentum'`` at the first step) or say only that sizes differ."""
+    if not isinstance(saved, dict) or "param_groups" not in saved:
+        return ""
+    groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+    if not saved_groups or not groups:
+        return ""
+    ours, theirs = _family(groups[0]), _family(saved_groups[0])
+    if ours != theirs:
+        name = cfg.SOLVER.get("OPTIMIZER", "SGD") if cfg is not None else ours
+        return (
+            f"its optimizer state is {theirs} (param-group settings {', '.join(_FAMILY_KEYS.get(theirs, ()))}) "
+            f"but this run's SOLVER.OPTIMIZER is {name!r} ({', '.join(_FAMILY_KEYS.get(ours, ()))}): "
+            "SOLVER.OPTIMIZER differs from the run that wrote the checkpoint"
+        )
+    sizes, saved_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in saved_groups]
+    if sizes != saved_sizes:
+        return (
+            f"its optimizer has {len(saved_sizes)} parameter group(s) of {saved_sizes} tensors, this run's "
+            f"{len(sizes)} of {sizes}: the trainable parameters or their weight-decay/LR grouping differ "
+            "(MODEL.BACKBONE.FREEZE_AT, SOLVER.WEIGHT_DECAY, WEIGHT_DECAY_NORM, BIAS_LR_FACTOR)"
+        )
+    return ""
+
+
 def num_train_images(cfg) -> int:
     from detectron2.data import DatasetCatalog
 

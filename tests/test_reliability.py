@@ -4,11 +4,14 @@ checkpoint integrity, hostile input.
 Select with ``-k "resume or distributed or mismatch or corrupt or fuzz"``. Everything runs
 on CPU with tiny models (C=16, N=10, 64 px images) and a few iterations.
 """
+import errno
+import io
 import json
 import math
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,9 +67,12 @@ register_demo_datasets(root={demo!r}, names=({det_train!r}, {det_val!r}), num_tr
 register_image_folder({cls_train!r}, {cls_train_root!r})
 register_image_folder({cls_val!r}, {cls_val_root!r})
 import train_net
-from detectron2.engine import default_argument_parser
 if __name__ == "__main__":
-    train_net.launch_from_args(default_argument_parser().parse_args())
+    args = train_net.argument_parser().parse_args()
+    try:
+        train_net.launch_from_args(args)
+    except Exception as exc:
+        sys.exit(train_net.error_line(exc))
 '''
 
 
@@ -159,7 +165,7 @@ def _wait(proc, opts, timeout=240):
 
 
 def _run_in_process(config, opts, *flags):
-    args = default_argument_parser().parse_args(_argv(config, opts, *flags))
+    args = train_net.argument_parser().parse_args(_argv(config, opts, *flags))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -181,7 +187,7 @@ def _fork(target, *args):
 
 
 def _main_from_argv(argv):
-    train_net.main(default_argument_parser().parse_args(argv))
+    train_net.main(train_net.argument_parser().parse_args(argv))
 
 
 def _weights(out, name="model_final.pth"):
@@ -653,7 +659,9 @@ def test_corrupt_missing_or_unreadable_images_error_names_file(tmp_path):
 
 
 def test_corrupt_nonfinite_loss_stops_training_naming_iteration(data, tmp_path):
-    config, opts = cls_opts(tmp_path / "out", max_iter=6, period=100)
+    from randwire_d2.errors import TrainingError
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=6, period=1)
     args = default_argument_parser().parse_args(_argv(config, opts))
     cfg = engine.setup(args)
     trainer = Trainer(cfg)
@@ -668,9 +676,13 @@ def test_corrupt_nonfinite_loss_stops_training_naming_iteration(data, tmp_path):
         return losses
 
     model.forward = nan_from_iteration_2
-    with pytest.raises(FloatingPointError, match="Loss became infinite or NaN at iteration=2"):
+    with pytest.raises(TrainingError, match=r"^training stopped at iteration 2: FloatingPointError: Loss became "
+                                            r"infinite or NaN at iteration=2!.*\(last good checkpoint: .*model_0000001"
+                                            r"\.pth\)$") as err:
         trainer.train()
+    assert err.value.iteration == 2 and "\n" not in str(err.value)
     assert not os.path.exists(tmp_path / "out" / "model_final.pth")
+    RandWireCheckpointer(build_model(cfg)).load(str(tmp_path / "out" / "model_0000001.pth"))  # intact
 
 
 def test_corrupt_config_typos_and_bad_values():
@@ -687,3 +699,365 @@ def test_corrupt_config_typos_and_bad_values():
         ["--config-file", os.path.join(REPO, "configs/randwire_frcnn.yaml"), "--num-gpus", "2", "SOLVER.MAX_ITERR", "5"])
     with pytest.raises(KeyError, match="Non-existent config key: SOLVER.MAX_ITERR"):
         train_net.launch_from_args(args)
+
+
+# --------------------------------------------------------------------------- lifecycle
+def _ppids():
+    """{pid: parent pid} of every process (Linux /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":  # zombies are dead, only not reaped yet
+                out[int(entry)] = int(fields[1])
+    return out
+
+
+def _descendants(pid):
+    ppids, found, todo = _ppids(), set(), [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, pp in ppids.items() if pp == parent and p not in found]
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_lifecycle_sigkill_of_launcher_kills_workers_and_resume_takes_stale_lock(data, tmp_path):
+    """SIGKILL the launcher of a real 2-process CPU run: no worker survives, nothing writes
+    into OUTPUT_DIR afterwards, the lock it leaves is detected as stale, and an immediate
+    --resume (default --dist-url: a free port, not the fixed one) takes it over and finishes."""
+    from randwire_d2.output_dir import LOCK_NAME, OutputDirLock, lock_owner_status
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=100000, period=1)
+    out = opts["OUTPUT_DIR"]
+    proc = _popen(data, config, opts, "--num-gpus", "2")
+    try:
+        _wait_for(lambda: os.path.exists(os.path.join(out, "last_checkpoint")) or proc.poll() is not None,
+                  240, "the first checkpoint")
+        assert proc.poll() is None, open(out + ".log").read()[-3000:]
+        workers = _descendants(proc.pid)
+        assert len(workers) >= 2, workers
+        owner = OutputDirLock(out).read_owner()
+        assert owner["pid"] == proc.pid and lock_owner_status(owner) == "live"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _wait_for(lambda: not (workers & set(_ppids())), 30, f"workers {workers} to die with their launcher")
+    files = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
+    time.sleep(1.0)
+    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == files  # nobody writes
+    assert lock_owner_status(OutputDirLock(out).read_owner()) == "stale"
+
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        last = int(f.read().strip()[len("model_"):-len(".pth")])
+    _, resume = cls_opts(tmp_path / "out", max_iter=last + 3, period=1)
+    proc = _popen(data, config, resume, "--num-gpus", "2", "--resume")
+    _wait(proc, resume)
+    log = open(out + ".log").read()
+    assert "taking over its stale lock" in log and f"pid {owner['pid']}" in log, log[-3000:]
+    assert os.path.exists(os.path.join(out, "model_final.pth"))
+    assert not os.path.exists(os.path.join(out, LOCK_NAME))  # released at the end
+
+
+def _cli(data, config, opts, *flags, env=None, timeout=300):
+    """tools/train_net.py's command line (through the runner that registers the test
+    datasets): (exit code, stdout, stderr)."""
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    run_env.pop("RANDWIRE_DEBUG", None) if not env or "RANDWIRE_DEBUG" not in env else None
+    out = subprocess.run([sys.executable, data["runner"], *_argv(config, opts, *flags)], cwd=REPO, env=run_env,
+                         capture_output=True, text=True, timeout=timeout)
+    return out.returncode, out.stdout, out.stderr
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_lifecycle_lock_refuses_a_live_owner_and_an_unverifiable_host(data, tmp_path):
+    from randwire_d2.output_dir import LOCK_NAME, OutputDirLock, RunLockError
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=2)
+    args = train_net.argument_parser().parse_args(_argv(config, opts))
+    with OutputDirLock(opts["OUTPUT_DIR"]):  # a live run (this process) holds it
+        with pytest.raises(RunLockError, match=rf"is in use by another run \(pid {os.getpid()} on host"):
+            train_net.launch_from_args(args)
+        assert not os.path.exists(os.path.join(opts["OUTPUT_DIR"], "last_checkpoint"))  # nothing ran
+    lock = os.path.join(opts["OUTPUT_DIR"], LOCK_NAME)
+    assert not os.path.exists(lock)
+    with open(lock, "w") as f:
+        json.dump({"pid": os.getpid(), "host": "other-host.example", "since": 0}, f)
+    with pytest.raises(RunLockError, match=f"on another host.*delete {lock}"):
+        OutputDirLock(opts["OUTPUT_DIR"]).acquire()
+    # the same pid, reused by another process (another start time): stale
+    with open(lock, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "start_time": "1", "since": 0}, f)
+    with OutputDirLock(opts["OUTPUT_DIR"]) as taken:
+        assert taken.read_owner()["start_time"] != "1"
+
+
+def test_lifecycle_port_in_use_is_refused_and_default_url_picks_a_free_port():
+    from randwire_d2.launch import launch
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        with pytest.raises(ValueError, match=f"port {port} is already in use.*--dist-url auto"):
+            launch(print, 2, dist_url=f"tcp://127.0.0.1:{port}", device="cpu")
+    finally:
+        busy.close()
+    default = default_argument_parser().parse_args([])
+    assert train_net._dist_url(default) == "auto"
+    two_machines = default_argument_parser().parse_args(["--num-machines", "2", "--dist-url", "tcp://h:5"])
+    assert train_net._dist_url(two_machines) == "tcp://h:5"
+
+
+def _fail_on_rank_1(tag):
+    from detectron2.utils import comm
+
+    if comm.get_rank() == 1:
+        raise ValueError(f"cfg.SOMETHING = {tag!r} is invalid (rank 1 only)")
+
+
+def test_lifecycle_worker_error_comes_back_as_one_line():
+    from randwire_d2.errors import WorkerError
+    from randwire_d2.launch import launch
+
+    with pytest.raises(WorkerError) as err:
+        launch(_fail_on_rank_1, 2, args=("x",), device="cpu")
+    assert str(err.value) == "rank 1: cfg.SOMETHING = 'x' is invalid (rank 1 only)"
+
+
+# --------------------------------------------------------------------------- existing results
+def test_results_new_run_over_checkpoints_is_refused_unless_overwrite(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", max_iter=2, period=1)
+    _run_in_process(config, opts)
+    out = opts["OUTPUT_DIR"]
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".pth")}
+    assert "model_final.pth" in before
+    args = train_net.argument_parser().parse_args(_argv(config, opts))
+    with pytest.raises(ValueError, match=r"holds checkpoints of a previous run \(last_checkpoint, model_0000000\.pth"
+                                         r".*pass --resume to continue it, --overwrite to replace it"):
+        train_net.launch_from_args(args)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before  # untouched
+    # --overwrite: a fresh run, without the old run's checkpoints or metrics mixed in
+    _, longer = cls_opts(tmp_path / "out", max_iter=3, period=100)
+    train_net.launch_from_args(train_net.argument_parser().parse_args(_argv(config, longer, "--overwrite")))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["model_final.pth"]
+    old_rows = [it for it in _train_metrics(out) if it < 2]  # the old run's last iteration was 1
+    assert old_rows == [] and 2 in _train_metrics(out)
+    assert not any(torch.equal(v, _weights(out)[k]) for k, v in torch.load(
+        io.BytesIO(before["model_final.pth"]), weights_only=False)["model"].items() if v.dtype.is_floating_point
+        and v.numel() > 1)
+
+
+def test_results_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    model = _classifier()
+    ckpt = RandWireCheckpointer(model, save_dir=str(tmp_path))
+    ckpt.save("model_0000001")
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ckpt.save("model_0000003")
+    latest = tmp_path / "model_0000003.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    fresh = _classifier(seed=0)
+    with caplog.at_level("WARNING"):
+        RandWireCheckpointer(fresh, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert all(torch.equal(good[k], v) for k, v in fresh.state_dict().items())
+    assert (f"Cannot load checkpoint '{latest}'" in caplog.text
+            and f"resumed from the previous good checkpoint '{tmp_path / 'model_0000001.pth'}' instead" in caplog.text)
+    assert latest.stat().st_size == 1000  # the broken file is left for inspection
+
+
+# --------------------------------------------------------------------------- no silent wrong answers
+def _wide_classifier(channels, **extra):
+    opts = ["MODEL.RANDWIRE.CHANNELS", channels, "MODEL.RANDWIRE.NODES", 6, "MODEL.RANDWIRE.HEAD_CHANNELS", 16]
+    for k, v in extra.items():
+        opts += [k, v]
+    return build_model(setup_cfg(os.path.join(REPO, "configs/fashion_mnist/randwire_tiny.yaml"), opts))
+
+
+def test_mismatch_width_refused_naming_parameter_and_shapes(tmp_path):
+    from randwire_d2.checkpoint import to_detection_pkl
+
+    RandWireCheckpointer(_wide_classifier(8), save_dir=str(tmp_path)).save("c8")
+    path = str(tmp_path / "c8.pth")
+    wide = _wide_classifier(16)
+    start = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"its tensor 'backbone\.stem\.conv1\.weight' has shape \[4, 3, 3, 3\], the "
+                                         r"model's 'backbone\.stem\.conv1\.weight' \[8, 3, 3, 3\].*PARTIAL_WEIGHTS True"):
+        RandWireCheckpointer(wide).load(path)
+    assert all(torch.equal(start[k], v) for k, v in wide.state_dict().items())  # nothing loaded
+    # the converted .pkl into a detection backbone of another width (names matched by suffix)
+    pkl = str(tmp_path / "c8.pkl")
+    to_detection_pkl(torch.load(path, weights_only=False), pkl)
+    det = build_model(tiny_detection_cfg("configs/randwire_frcnn.yaml", "MODEL.RANDWIRE.REGIME", "small",
+                                         "MODEL.RANDWIRE.NODES", 6, "MODEL.RANDWIRE.CHANNELS", 16))
+    with pytest.raises(ValueError, match=r"its tensor 'stem\.conv1\.weight' has shape \[4, 3, 3, 3\], the model's "
+                                         r"'backbone\.bottom_up\.stem\.conv1\.weight' \[8, 3, 3, 3\]"):
+        RandWireCheckpointer(det).load(pkl)
+    # opting into partial loading: the fitting tensors load (here: none but shape-free ones), no error
+    RandWireCheckpointer(_wide_classifier(16), partial_weights=True).load(path)
+    # a checkpoint of an unrelated model: nothing fits
+    torch.save({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"none of its 1 tensors \(e\.g\. 'foo\.weight'\) matches"):
+        RandWireCheckpointer(wide).load(str(tmp_path / "other.pth"))
+
+
+def test_mismatch_optimizer_on_resume_is_refused_saying_what_differs(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", max_iter=2, period=1)
+    _run_in_process(config, opts)
+    _, adamw = cls_opts(tmp_path / "out", max_iter=4, period=1, **{"SOLVER.OPTIMIZER": "AdamW"})
+    with pytest.raises(ValueError, match=r"its optimizer state is SGD \(param-group settings momentum, nesterov, "
+                                         r"dampening\) but this run's SOLVER.OPTIMIZER is 'AdamW'"):
+        _run_in_process(config, adamw, "--resume")
+    _, grouped = cls_opts(tmp_path / "out", max_iter=4, period=1, **{"SOLVER.WEIGHT_DECAY_NORM": 0.5})
+    with pytest.raises(ValueError, match=r"parameter group\(s\) of .* tensors, this run's .*WEIGHT_DECAY_NORM"):
+        _run_in_process(config, grouped, "--resume")
+
+
+def _image_folder(root, classes, n=2):
+    rng = np.random.default_rng(1)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return str(root)
+
+
+def _register(name, root, **kwargs):
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    return register_image_folder(name, root, **kwargs)
+
+
+def test_mismatch_image_folder_class_lists_and_num_classes(data, tmp_path):
+    from randwire_d2.data.classification import check_classification_datasets
+
+    train = _register("rel_cls3_train", _image_folder(tmp_path / "train", ["ant", "bee", "cat"]))
+    val = _register("rel_cls3_val", _image_folder(tmp_path / "val", ["ant", "cat"]))  # no 'bee' folder
+    config, opts = cls_opts(tmp_path / "out", **{"DATASETS.TRAIN": (train,), "DATASETS.TEST": (val,),
+                                                 "MODEL.RANDWIRE.NUM_CLASSES": 3})
+    cfg = setup_cfg(*_cfg_args(config, opts))
+    with pytest.raises(ValueError, match=r"Datasets 'rel_cls3_train' and 'rel_cls3_val' have different class lists "
+                                         r"\(3 vs 2 classes; only in 'rel_cls3_train': \['bee'\].*classes="):
+        check_classification_datasets(cfg)
+    # in the launcher too, before any process starts, whatever --num-gpus
+    args = train_net.argument_parser().parse_args(_argv(config, opts, "--num-gpus", "2"))
+    with pytest.raises(ValueError, match="different class lists"):
+        train_net.launch_from_args(args)
+    # mapped explicitly: val's labels are indices in the training classes
+    _register("rel_cls3_val", str(tmp_path / "val"), classes=["ant", "bee", "cat"])
+    check_classification_datasets(cfg)
+    assert sorted({d["label"] for d in DatasetCatalog.get("rel_cls3_val")}) == [0, 2]
+    cfg.MODEL.RANDWIRE.NUM_CLASSES = 2  # fewer outputs than classes: was "IndexError: Target 2 is out of bounds"
+    with pytest.raises(ValueError, match=r"NUM_CLASSES = 2 but DATASETS.TRAIN dataset 'rel_cls3_train' has 3 "
+                                         r"classes: set MODEL.RANDWIRE.NUM_CLASSES 3"):
+        check_classification_datasets(cfg)
+
+
+# --------------------------------------------------------------------------- one-line errors
+def test_errors_config_mistake_with_two_processes_is_one_line_before_any_process(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", **{"SOLVER.CHECKPOINT_PERIOD": 0})
+    rc, stdout, stderr = _cli(data, config, opts, "--num-gpus", "2")
+    assert rc == 1 and "Traceback" not in stderr and "ProcessRaisedException" not in stderr, stderr[-3000:]
+    assert _error_lines(stderr) == [
+        "error: cfg.SOLVER.CHECKPOINT_PERIOD = 0 is invalid: an integer >= 1. (traceback: RANDWIRE_DEBUG=1)"
+    ], stderr[-3000:]
+    assert not os.path.exists(os.path.join(opts["OUTPUT_DIR"], "log.txt"))  # no worker started
+
+
+def test_errors_during_training_are_one_line_with_iteration_and_traceback_in_log(data, tmp_path):
+    """A diverging run (LR 1e30: non-finite loss) through the command line, 2 processes:
+    one error line naming the rank, the iteration and the last good checkpoint; the
+    traceback in log.txt, on the console only with RANDWIRE_DEBUG=1."""
+    config, opts = cls_opts(tmp_path / "out", max_iter=8, period=1, **{"SOLVER.BASE_LR": 1e30,
+                                                                        "SOLVER.WARMUP_ITERS": 0})
+    rc, stdout, stderr = _cli(data, config, opts, "--num-gpus", "2")
+    lines = _error_lines(stderr)
+    assert rc == 1 and "Traceback" not in stderr + stdout and len(lines) == 1, stderr[-3000:]
+    it = int(lines[0].split("iteration ")[1].split(":")[0])
+    assert lines[0].startswith(f"error: rank 0: training stopped at iteration {it}: FloatingPointError: Loss became "
+                               f"infinite or NaN at iteration={it}!"), lines
+    assert lines[0].endswith(f"(last good checkpoint: {opts['OUTPUT_DIR']}/model_{it - 1:07d}.pth) "
+                             "(traceback: RANDWIRE_DEBUG=1, or OUTPUT_DIR/log.txt)"), lines
+    log = open(os.path.join(opts["OUTPUT_DIR"], "log.txt")).read()
+    assert "Traceback" in log and "FloatingPointError" in log
+    RandWireCheckpointer(build_model(setup_cfg(*_cfg_args(config, opts)))).load(
+        os.path.join(opts["OUTPUT_DIR"], f"model_{it - 1:07d}.pth"))  # the last good one is intact
+    _, debug = cls_opts(tmp_path / "debug", max_iter=8, period=1, **{"SOLVER.BASE_LR": 1e30, "SOLVER.WARMUP_ITERS": 0})
+    rc, stdout, stderr = _cli(data, config, debug, env={"RANDWIRE_DEBUG": "1"})
+    assert rc != 0 and "Traceback" in stderr + stdout
+
+
+def test_errors_disk_full_during_checkpoint_keeps_last_good_one(data, tmp_path, monkeypatch):
+    from randwire_d2.errors import TrainingError
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=6, period=2)
+    real_save = torch.save
+    saves = []
+
+    def save_then_fill_disk(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) > 1:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_then_fill_disk)
+    with pytest.raises(TrainingError, match=r"^training stopped at iteration 3: OSError: \[Errno 28\] No space left "
+                                            r"on device \(last good checkpoint: .*model_0000001\.pth\)$"):
+        _run_in_process(config, opts)
+    monkeypatch.setattr(torch, "save", real_save)
+    out = opts["OUTPUT_DIR"]
+    assert sorted(f for f in os.listdir(out) if "model" in f) == ["model_0000001.pth"]
+    RandWireCheckpointer(build_model(setup_cfg(*_cfg_args(config, opts)))).load(os.path.join(out, "model_0000001.pth"))
+
+
+def test_errors_corrupt_image_during_training_names_file_and_iteration(data, tmp_path):
+    from randwire_d2.errors import TrainingError
+
+    root = tmp_path / "imgs"
+    _image_folder(root, ["dark", "bright"], n=2)
+    broken = root / "bright" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    name = _register("rel_cls_corrupt", str(root))
+    config, opts = cls_opts(tmp_path / "out", max_iter=8, **{"DATASETS.TRAIN": (name,)})
+    with pytest.raises(TrainingError, match=rf"^training stopped at iteration \d+: Cannot read image '{broken}'"):
+        _run_in_process(config, opts)
+
+
+def test_errors_unwritable_output_dir_is_refused_before_launch(data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config, opts = cls_opts(blocker / "out")
+    args = train_net.argument_parser().parse_args(_argv(config, opts, "--num-gpus", "2"))
+    with pytest.raises(ValueError, match=rf"cfg.OUTPUT_DIR = '{blocker / 'out'}' is not a writable folder: "
+                                         "NotADirectoryError"):
+        train_net.launch_from_args(args)
+
+
+def test_errors_overridden_settings_reported_after_logging_starts(data, tmp_path):
+    config, opts = cls_opts(tmp_path / "out", max_iter=50, **{"SOLVER.EPOCHS": 1.0})  # 12 images / batch 4
+    _run_in_process(config, opts)
+    log = open(os.path.join(opts["OUTPUT_DIR"], "log.txt")).read()
+    assert ("SOLVER.MAX_ITER = 50 (set in the config/command line) is replaced by 3: SOLVER.EPOCHS" in log), log[-3000:]
+    assert max(_train_metrics(opts["OUTPUT_DIR"])) <= 3

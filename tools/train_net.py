@@ -5,12 +5,18 @@ Same CLI as detectron2's tools/train_net.py:
     python tools/train_net.py --config-file configs/randwire_frcnn.yaml --num-gpus 8
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
     python tools/train_net.py --config-file CFG --resume          # continue after preemption
+    python tools/train_net.py --config-file CFG --overwrite       # start afresh over a previous run
 
 Multi-process: ``--num-gpus N`` is the number of processes per machine: one per GPU
 (NCCL), or, with MODEL.DEVICE cpu, N CPU processes (gloo). Multi-machine: the same
 command on every machine with ``--num-machines M --machine-rank R --dist-url tcp://HOST:PORT``
-(HOST = machine 0).
+(HOST = machine 0). On one machine the default URL picks a free port.
+
+Before any process starts, the settings are checked and OUTPUT_DIR is locked for this
+run; a failure prints one ``error:`` line (RANDWIRE_DEBUG=1 for the traceback, which
+is also in OUTPUT_DIR/log.txt once the run has started).
 """
+import contextlib
 import os
 import sys
 
@@ -21,53 +27,86 @@ from detectron2.engine import default_argument_parser  # noqa: E402
 from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
 from randwire_d2.data.custom import check_detection_datasets  # noqa: E402
 from randwire_d2.engine import Trainer, is_classification, setup, setup_cfg  # noqa: E402
+from randwire_d2.errors import TrainingError, WorkerError, debug_enabled, log_failure, one_line  # noqa: E402
 from randwire_d2.launch import launch  # noqa: E402
+from randwire_d2.output_dir import OutputDirLock, check_existing_results  # noqa: E402
+from randwire_d2.preflight import check_before_launch  # noqa: E402
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start a new run in an OUTPUT_DIR that holds a previous run's checkpoints: deletes them and its "
+        "metrics first (without it, such a run is refused; --resume continues it)",
+    )
+    return parser
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        RandWireCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    try:
+        cfg = setup(args)
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            RandWireCheckpointer(
+                model, save_dir=cfg.OUTPUT_DIR, partial_weights=cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS
+            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            return Trainer.test(cfg, model)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        return trainer.train()
+    except Exception as exc:
+        log_failure(exc)
+        raise
+
+
+def _dist_url(args) -> str:
+    """detectron2's default URL is a fixed port per user: on one machine, pick a free one."""
+    default = default_argument_parser().get_default("dist_url")
+    if args.num_machines == 1 and args.dist_url in ("auto", default):
+        return "auto"
+    return args.dist_url
 
 
 def launch_from_args(args):
-    """Run ``main`` in ``args.num_gpus`` processes per machine (GPUs, or CPU processes with
-    MODEL.DEVICE cpu) on ``args.num_machines`` machines."""
-    # read the config once here: a typo fails before any process starts, and the
-    # device picks the backend (NCCL on GPUs, gloo on CPU)
+    """Check the settings, lock OUTPUT_DIR, then run ``main`` in ``args.num_gpus`` processes
+    per machine (GPUs, or CPU processes with MODEL.DEVICE cpu) on ``args.num_machines`` machines."""
     cfg = setup_cfg(args.config_file, args.opts)
-    device = cfg.MODEL.DEVICE
+    check_before_launch(cfg, args)
     if args.num_gpus * args.num_machines > 1 and not is_classification(cfg):
         check_detection_datasets(cfg, eval_only=args.eval_only)  # one clear error, not one per worker
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        device=device,
-    )
+    # machine 0 owns OUTPUT_DIR (only global rank 0 writes checkpoints); evaluation only reads them
+    owns_output = not args.eval_only and args.machine_rank == 0
+    with OutputDirLock(cfg.OUTPUT_DIR) if owns_output else contextlib.nullcontext():
+        if owns_output:
+            check_existing_results(
+                cfg.OUTPUT_DIR, resume=args.resume, overwrite=getattr(args, "overwrite", False),
+                weights=cfg.MODEL.WEIGHTS,
+            )
+        return launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=_dist_url(args),
+            args=(args,),
+            device=cfg.MODEL.DEVICE,
+        )
 
 
-def _user_error(exc: BaseException) -> bool:
-    """Our validation errors name the key, file or value: show them without a traceback."""
-    if isinstance(exc, KeyError):  # yacs: a typo in a config key
-        return "Non-existent config key" in str(exc)
-    return isinstance(exc, (ValueError, FileNotFoundError))
+def error_line(exc: BaseException) -> str:
+    where = " (traceback: RANDWIRE_DEBUG=1"
+    if isinstance(exc, (TrainingError, WorkerError)):
+        where += ", or OUTPUT_DIR/log.txt"
+    return f"error: {one_line(exc)}{where})"
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     try:
         launch_from_args(args)
     except Exception as exc:
-        if not _user_error(exc) or os.environ.get("RANDWIRE_DEBUG"):
+        if debug_enabled():
             raise
-        sys.exit(f"error: {exc}\n(set RANDWIRE_DEBUG=1 for the traceback)")
+        sys.exit(error_line(exc))

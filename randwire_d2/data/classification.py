@@ -45,6 +45,7 @@ __all__ = [
     "batch_collator",
     "build_classification_test_loader",
     "build_classification_train_loader",
+    "check_classification_datasets",
     "fashion_mnist_root",
     "imagenet_root",
     "list_image_folder",
@@ -72,17 +73,27 @@ _IMAGENET_ROOT_OVERRIDE: Optional[str] = None
 
 # --------------------------------------------------------------------------- folders
 @functools.lru_cache(maxsize=None)
-def _list_image_folder_cached(root: str) -> Tuple[Tuple[str, ...], Tuple[Tuple[str, int], ...]]:
+def _list_image_folder_cached(
+    root: str, given_classes: Optional[Tuple[str, ...]] = None
+) -> Tuple[Tuple[str, ...], Tuple[Tuple[str, int], ...]]:
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"Image-folder dataset root {root!r} does not exist or is not a directory "
             "(expected <root>/<class>/<image files>)."
         )
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
         raise ValueError(f"Image-folder dataset {root!r} has no class subdirectories (expected <root>/<class>/*.JPEG).")
+    classes = list(given_classes) if given_classes is not None else folders
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"Image-folder dataset {root!r} has class folders {unknown[:5]} that are not in the class list it was "
+            f"registered with ({len(classes)} classes)."
+        )
     items: List[Tuple[str, int]] = []
-    for label, cls in enumerate(classes):
+    for cls in folders:
+        label = classes.index(cls)
         cls_dir = os.path.join(root, cls)
         names = sorted(
             e.name for e in os.scandir(cls_dir)
@@ -97,18 +108,21 @@ def _list_image_folder_cached(root: str) -> Tuple[Tuple[str, ...], Tuple[Tuple[s
     return tuple(classes), tuple(items)
 
 
-def list_image_folder(root: str) -> Tuple[List[str], List[Dict]]:
+def list_image_folder(root: str, classes: Optional[Sequence[str]] = None) -> Tuple[List[str], List[Dict]]:
     """(classes, dataset dicts) of an ImageFolder tree: class = subfolder, sorted,
-    label = its index. The listing is cached per process (an ImageNet scan is seconds)."""
-    classes, items = _list_image_folder_cached(os.path.abspath(os.path.expanduser(root)))
+    label = its index; or, with ``classes``, label = the folder's index in that list
+    (every folder must be in it; a class may have no folder). The listing is cached per
+    process (an ImageNet scan is seconds)."""
+    given = tuple(classes) if classes is not None else None
+    classes, items = _list_image_folder_cached(os.path.abspath(os.path.expanduser(root)), given)
     dicts = [{"file_name": f, "label": label, "image_id": i} for i, (f, label) in enumerate(items)]
     return list(classes), dicts
 
 
-def _folder_loader(name: str, root_fn: Callable[[], str]) -> Callable[[], List[Dict]]:
+def _folder_loader(name: str, root_fn: Callable[[], str], given_classes=None) -> Callable[[], List[Dict]]:
     def load():
         root = root_fn()
-        classes, dicts = list_image_folder(root)
+        classes, dicts = list_image_folder(root, given_classes)
         meta = MetadataCatalog.get(name)
         if meta.get("classes", None) is None:
             meta.set(classes=classes, image_root=root)
@@ -122,13 +136,24 @@ def _folder_loader(name: str, root_fn: Callable[[], str]) -> Callable[[], List[D
     return load
 
 
-def register_image_folder(name: str, root: Union[str, Callable[[], str]], *, evaluator_type="classification") -> str:
+def register_image_folder(
+    name: str,
+    root: Union[str, Callable[[], str]],
+    *,
+    evaluator_type="classification",
+    classes: Optional[Sequence[str]] = None,
+) -> str:
     """Register an ImageFolder-style dataset (``root/<class>/<image>``) as ``name``.
 
     Lazy: the tree is listed on the first ``DatasetCatalog.get(name)``, which also sets
     the metadata ``classes``. ``root`` may be a callable returning the path (resolved at
     listing time). Registering the same name again is a no-op when it points at the
     same root and an error otherwise.
+
+    ``classes``: the explicit class list (label = index in it), e.g. the training
+    split's classes for a validation split that lacks some class folders. Without it
+    the classes are the sorted folder names, and training refuses train/val splits
+    whose lists differ (labels would shift).
     """
     root_fn = root if callable(root) else (lambda r=os.path.abspath(os.path.expanduser(root)): r)
     if name in DatasetCatalog.list():
@@ -140,7 +165,7 @@ def register_image_folder(name: str, root: Union[str, Callable[[], str]], *, eva
                 f"refusing to re-register it with {root_fn()!r}."
             )
         return name
-    DatasetCatalog.register(name, _folder_loader(name, root_fn))
+    DatasetCatalog.register(name, _folder_loader(name, root_fn, tuple(classes) if classes is not None else None))
     meta = MetadataCatalog.get(name)
     meta.set(evaluator_type=evaluator_type)
     if not callable(root):
@@ -438,6 +463,49 @@ def classification_dicts(names) -> List[Dict]:
             raise ValueError(f"Dataset {name!r} has no 'label' field: it is not a classification dataset.")
         dicts.extend(d)
     return dicts
+
+
+def _class_list(name: str, dicts: List[Dict]) -> Tuple[Optional[List[str]], int]:
+    """(the dataset's class names if known, 1 + its largest label)."""
+    classes = MetadataCatalog.get(name).get("classes", None)
+    return (list(classes) if classes is not None else None), 1 + max(int(d["label"]) for d in dicts)
+
+
+def check_classification_datasets(cfg) -> None:
+    """Training and evaluation datasets must share one class list (labels are indices in
+    it: a class folder missing in one split shifts every label after it) and agree with
+    MODEL.RANDWIRE.NUM_CLASSES."""
+    set_imagenet_root(cfg.DATASETS.get("IMAGENET_ROOT", ""))
+    listed = [
+        (key, name, *_class_list(name, classification_dicts(name)))
+        for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST))
+        for name in names
+    ]
+    named = [(name, classes) for _, name, classes, _ in listed if classes is not None]
+    for name, classes in named[1:]:
+        ref_name, ref = named[0]
+        if classes != ref:
+            only_ref = [c for c in ref if c not in classes]
+            only_this = [c for c in classes if c not in ref]
+            raise ValueError(
+                f"Datasets {ref_name!r} and {name!r} have different class lists ({len(ref)} vs {len(classes)} "
+                f"classes; only in {ref_name!r}: {only_ref[:5]}, only in {name!r}: {only_this[:5]}"
+                f"{'' if only_ref or only_this else ', the same classes in another order'}): labels are class "
+                "indices, so they would not mean the same class. Make the class folders match, or register "
+                f"{name!r} with register_image_folder(..., classes=<the training classes>)."
+            )
+    num_classes = cfg.MODEL.RANDWIRE.NUM_CLASSES
+    for key, name, classes, num_labels in listed:
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(
+                f"cfg.MODEL.RANDWIRE.NUM_CLASSES = {num_classes} but {key} dataset {name!r} has {len(classes)} "
+                f"classes: set MODEL.RANDWIRE.NUM_CLASSES {len(classes)}."
+            )
+        if num_labels > num_classes:
+            raise ValueError(
+                f"cfg.MODEL.RANDWIRE.NUM_CLASSES = {num_classes} but {key} dataset {name!r} has labels up to "
+                f"{num_labels - 1}: set MODEL.RANDWIRE.NUM_CLASSES {num_labels}."
+            )
 
 
 def batch_collator(batch: List[Dict]) -> List[Dict]:
