@@ -1,7 +1,7 @@
 """The RandWire network: node op, stage executor, shapes, gradients, complexity.
 
 Expected widths, node counts and op orders are written out from the paper (Table 1), never
-read back from the model. tests/mutations.py checks that breaking each of them fails here.
+read back from the model. tools/mutate.py checks that breaking each of them fails here.
 """
 import statistics
 import weakref
