@@ -128,9 +128,9 @@ def test_stage_frees_dead_outputs_while_running(executor):
         stage(x)  # warm any caches
         with LiveTensorBytes() as mode:
             out = stage(x)
-    # 2 live outputs + a node's temporaries (aggregate, ReLU, convs, norm); keeping every
+    # 2 live outputs + a node's temporaries (measured: reference 7, lean 9); keeping every
     # output would hold n - 1 = 31
-    assert mode.peak <= 10 * node_output, mode.peak / node_output
+    assert mode.peak <= 12 * node_output, mode.peak / node_output
     assert mode.live <= out.untyped_storage().nbytes() + 64 * 1024  # all but the result freed
 
 

@@ -63,7 +63,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "sink_sum", "stage output = sum of sinks, not mean (reference executor)",
         "randwire_d2/modeling/stage.py",
-        "return total / len(self._output_nodes)", "return total", MODELING,
+        "return total / len(self.output_node_set)", "return total", MODELING,
     ),
     Mutation(
         "ba_star_start", "BA from networkx 3's star start (one input node)", "randwire_d2/graphs.py",
