@@ -80,11 +80,6 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "return np.random.default_rng([seed, 1]).permutation(n)", "return np.arange(n)",
         ("tests/test_graphs.py",),
     ),
-    Mutation(
-        "count_own_executor", "complexity() counts the model's own executor, not the reference",
-        "randwire_d2/analysis.py",
-        '            m.executor = "reference"\n', "            pass\n", ("tests/test_analysis.py",),
-    ),
 )
 
 
