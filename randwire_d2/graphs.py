@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Dict, List, Mapping, Tuple
 
@@ -27,7 +27,15 @@ __all__ = [
 # Parameter names of each generator, in the paper's notation (lower case).
 GENERATORS: Dict[str, Tuple[str, ...]] = {"ER": ("p",), "BA": ("m",), "WS": ("k", "p")}
 MIN_NODES = 2
-SPEC_VERSION = 1
+# Version of the generating process a spec records. 2: BA starts from M unconnected
+# nodes, as the paper does (1 used networkx 3's star start: one input node per stage).
+# Specs of every version rebuild their own network exactly; only the graph a given
+# BA seed yields changed.
+SPEC_VERSION = 2
+LEGACY_BA_NOTE = (
+    "BA specs of version 1 (randwire_d2 before BA was fixed to start from M nodes) came from "
+    "networkx 3's star start, so the same BA seed now generates another graph"
+)
 
 
 def _is_int(value) -> bool:
@@ -93,11 +101,24 @@ def stage_seed(network_seed: int, stage: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def _ba_start(m: int) -> nx.Graph:
+    """BA as the paper (and networkx 2.x) grows it: M nodes with no edges, then node M
+    joined to all of them, then preferential attachment.
+
+    networkx 3's default start, a star on M+1 nodes with hub 0, gives the DAG a single
+    input node (0 -> 1..M) instead of M. Nodes are added 0..M-1 before the hub M, so
+    networkx's degree-ordered attachment list, hence the random stream, is 2.x's.
+    """
+    graph = nx.empty_graph(m)
+    graph.add_edges_from((m, i) for i in range(m))
+    return graph
+
+
 def _undirected_graph(generator: str, n: int, params: Dict[str, float], seed: int) -> nx.Graph:
     if generator == "ER":
         return nx.erdos_renyi_graph(n, params["p"], seed=seed)
     if generator == "BA":
-        return nx.barabasi_albert_graph(n, params["m"], seed=seed)
+        return nx.barabasi_albert_graph(n, params["m"], seed=seed, initial_graph=_ba_start(params["m"]))
     try:  # the connected variant: a disconnected WS graph has isolated pieces
         return nx.connected_watts_strogatz_graph(n, params["k"], params["p"], tries=1000, seed=seed)
     except nx.NetworkXError as exc:
@@ -146,6 +167,7 @@ class GraphSpec:
     generator: str = "custom"
     params: Tuple[Tuple[str, float], ...] = ()
     seed: int = -1
+    version: int = field(default=SPEC_VERSION, compare=False)  # see SPEC_VERSION
 
     def __post_init__(self):
         n = self.num_nodes
@@ -220,7 +242,7 @@ class GraphSpec:
     # (De)serialisation
     def to_dict(self) -> dict:
         return {
-            "version": SPEC_VERSION,
+            "version": self.version,
             "num_nodes": self.num_nodes,
             "edges": [list(e) for e in self.edges],
             "generator": self.generator,
@@ -238,6 +260,7 @@ class GraphSpec:
                 generator=str(data.get("generator", "custom")),
                 params=tuple(dict(data.get("params", {})).items()),
                 seed=int(data.get("seed", -1)),
+                version=int(data.get("version", 1)),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"Not a graph spec (needs 'num_nodes' and 'edges'): {exc}") from exc
@@ -277,5 +300,6 @@ def describe_differences(expected: Mapping[str, GraphSpec], found: Mapping[str, 
                 f"({a.num_nodes} nodes, {len(a.edges)} edges, hash {a.content_hash[:12]}), "
                 f"checkpoint has {b.generator}{b.param_dict} seed={b.seed} "
                 f"({b.num_nodes} nodes, {len(b.edges)} edges, hash {b.content_hash[:12]})"
+                + (f" [{LEGACY_BA_NOTE}]" if b.generator == "BA" and b.version < 2 else "")
             )
     return problems

@@ -39,6 +39,10 @@ def test_builders_output_shape_matches_features(name, size):
         assert feats[key].shape == (1, spec.channels, -(-h // spec.stride), -(-w // spec.stride)), key
     if name == "build_randwire_backbone":
         assert [shapes[k].stride for k in BUILDERS[name]] == [4, 8, 16, 32]
+        # regular regime, C=16 (paper Table 1): C, 2C, 4C, 8C
+        assert [feats[k].shape[1] for k in BUILDERS[name]] == [16, 32, 64, 128]
+    else:
+        assert all(feats[k].shape[1] == 32 for k in BUILDERS[name])  # MODEL.FPN.OUT_CHANNELS
 
 
 def test_generalized_rcnn_pads_to_size_divisibility():

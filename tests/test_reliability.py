@@ -458,9 +458,38 @@ def _classifier(seed=0, generator="WS", graphs_file=""):
     cfg = setup_cfg(os.path.join(REPO, "configs/fashion_mnist/randwire_tiny.yaml"), [
         "MODEL.RANDWIRE.CHANNELS", 8, "MODEL.RANDWIRE.NODES", 6, "MODEL.RANDWIRE.HEAD_CHANNELS", 16,
         "MODEL.RANDWIRE.SEED", seed, "MODEL.RANDWIRE.GENERATOR", generator, "MODEL.RANDWIRE.ER_P", 0.4,
-        "MODEL.RANDWIRE.GRAPHS_FILE", graphs_file,
+        "MODEL.RANDWIRE.BA_M", 2, "MODEL.RANDWIRE.GRAPHS_FILE", graphs_file,
     ])
     return build_model(cfg)
+
+
+def test_checkpoint_with_legacy_ba_graphs_loads_through_graphs_file(tmp_path):
+    """A BA model saved before the M-node start (spec version 1, networkx 3's star: one input
+    node) is refused by today's BA model with the reason, and rebuilt exactly via GRAPHS_FILE."""
+    import networkx as nx
+    from randwire_d2.graphs import GraphSpec, specs_to_dict, stage_seed
+
+    legacy = {}
+    for name, n in (("res3", 6), ("res4", 6), ("res5", 6)):
+        star = nx.barabasi_albert_graph(n, 2, seed=stage_seed(0, name))  # the old process
+        legacy[name] = GraphSpec(
+            num_nodes=n, edges=tuple(sorted(tuple(sorted(e)) for e in star.edges())),
+            generator="BA", params=(("m", 2),), seed=stage_seed(0, name), version=1,
+        ).to_dict()
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    old = _classifier(graphs_file=str(tmp_path / "legacy.json"))
+    assert all(len(s.input_nodes) == 1 for s in graph_specs_of(old).values())
+    RandWireCheckpointer(old, save_dir=str(tmp_path)).save("old")
+    path = str(tmp_path / "old.pth")
+    assert {s["version"] for s in torch.load(path, weights_only=False)[GRAPHS_KEY].values()} == {1}
+    with pytest.raises(ValueError, match=r"star start(?s:.*)GRAPHS_FILE"):
+        RandWireCheckpointer(_classifier(generator="BA")).load(path)
+    assert all(len(s.input_nodes) == 2 for s in graph_specs_of(_classifier(generator="BA")).values())
+    rebuilt = _classifier(generator="BA", graphs_file=path)
+    RandWireCheckpointer(rebuilt).load(path)
+    assert graph_specs_of(rebuilt) == graph_specs_of(old)
+    for k, v in old.state_dict().items():
+        assert torch.equal(v, rebuilt.state_dict()[k]), k
 
 
 def test_mismatch_graphs_refused_naming_stage_and_rebuild(tmp_path):
