@@ -1,7 +1,6 @@
 """The demo pipeline end to end at a tiny scale: the loss falls, the detector learns (an AP
 floor on the images it was trained on) and COCO metrics come out for the held-out split."""
 import json
-import math
 import os
 
 import torch
