@@ -128,10 +128,19 @@ def _shape(value):
     return tuple(shape) if shape is not None else None
 
 
+# layers whose shape follows the number of classes (detector box predictor, RetinaNet and
+# classifier heads): another class count is fine-tuning, not a wrong checkpoint
+CLASS_SPECIFIC = tuple(
+    f"{layer}.{p}" for layer in ("box_predictor.cls_score", "box_predictor.bbox_pred", "head.cls_score",
+                                 "head.bbox_pred", "head.fc") for p in ("weight", "bias")
+)
+
+
 def check_tensor_shapes(model_state: Mapping, ckpt_state: Mapping, source: str, by_suffix: bool = False) -> None:
     """Refuse a checkpoint whose tensors do not fit the model: the first tensor of another
     shape is named with both shapes; a checkpoint of which no tensor fits any parameter
     is refused too. (detectron2 would skip them with a warning and train from scratch.)
+    Class-specific layers (``CLASS_SPECIFIC``) of another class count are left out with a warning.
     ``by_suffix``: names match by suffix, as detectron2's matching heuristics do."""
     shapes = {k: tuple(v.shape) for k, v in model_state.items()}
     suffixes: Dict[str, List[str]] = {}
@@ -140,12 +149,15 @@ def check_tensor_shapes(model_state: Mapping, ckpt_state: Mapping, source: str, 
             parts = k.split(".")
             for i in range(len(parts)):
                 suffixes.setdefault(".".join(parts[i:]), []).append(k)
-    fitting = 0
+    fitting, class_specific = 0, []
     for key, value in ckpt_state.items():
         shape = _shape(value)
         name = key[len("module."):] if key.startswith("module.") else key
         targets = [name] if name in shapes else suffixes.get(name, [])
         if shape is None or len(targets) != 1:
+            continue
+        if shapes[targets[0]] != shape and name.endswith(CLASS_SPECIFIC):
+            class_specific.append(f"{key} {list(shape)} -> {list(shapes[targets[0]])}")
             continue
         if shapes[targets[0]] != shape:
             raise ValueError(
@@ -155,6 +167,11 @@ def check_tensor_shapes(model_state: Mapping, ckpt_state: Mapping, source: str, 
                 "load only the tensors that fit."
             )
         fitting += 1
+    if class_specific:  # fine-tuning to another class count: detectron2 re-initialises these
+        logging.getLogger("randwire_d2").warning(
+            "Checkpoint %s was trained for another number of classes: its class-specific layers are not "
+            "loaded (%s); everything else fits.", source, "; ".join(class_specific),
+        )
     if ckpt_state and not fitting:
         example = next(iter(ckpt_state))
         raise ValueError(
