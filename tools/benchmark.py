@@ -199,34 +199,13 @@ def timed(fn, device, warmup, repeats):
     return statistics.median(times), [round(t * 1e3, 3) for t in times], pm.mb
 
 
-class _ByteCounter:
-    """Sum of operand and result sizes of every ATen op run under it (views excluded)."""
-
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        class Counter(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.bytes = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if not getattr(func, "is_view", False):
-                    for t in tree_flatten((args, kwargs or {}, out))[0]:
-                        if isinstance(t, torch.Tensor):
-                            self.bytes += t.numel() * t.element_size()
-                return out
-
-        return Counter()
-
-
 def count_work(fn):
     """(GFLOP, GB moved) of one call of ``fn``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = _ByteCounter()
+    from randwire_d2.cost import ByteCounter
+
+    counter = ByteCounter()
     flops = FlopCounterMode(display=False)
     with flops, counter:
         fn()
