@@ -14,9 +14,12 @@ add. This executor runs each node as one autograd Function that
   ``native_batch_norm_backward(g, y, weight=gamma^2 * invstd, mean=beta, invstd=1/gamma)``,
   the same formula at no extra traffic (the in-place ABN trick);
 * with ``recompute=True`` keeps only the inputs and ``y``: ``a`` is recomputed too;
-* computes the aggregation-weight gradients as dot products (no product tensors);
-* shares one ``ReLU(x)`` among all the nodes fed by the stage input (the reference runs
-  one per node).
+* computes the aggregation-weight gradients as dot products (no product tensors), and
+  adds ``w * delta`` into each input's gradient buffer in place (:class:`_GradTape`)
+  instead of autograd's multiply-then-add per extra consumer;
+* runs the nodes fed by the stage input as one Function (:class:`_InputLevel`): one
+  shared ``ReLU(x)`` (the reference runs one per node), their depthwise outputs kept (the
+  stride-2 conv shrinks them 4x), one grouped depthwise backward.
 
 Numerics: forward and gradients equal the reference's up to summation order, except that
 the BN weight gradient of a channel whose ``|gamma| < GAMMA_EPS`` loses precision (its
