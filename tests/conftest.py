@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,3 +58,16 @@ def randwire_logs():
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)
+
+
+def perturb_(module):
+    """Non-trivial parameters and BN statistics (from torch's current RNG), so every op visibly matters."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for name, b in module.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                b.normal_()
+    return module

@@ -18,6 +18,8 @@ from randwire_d2.graphs import GraphSpec, generate_graph
 from randwire_d2.modeling.network import RandWireNet, build_graph_specs
 from randwire_d2.modeling.stage import EXECUTORS, RandWireStage, set_executor
 
+from conftest import perturb_
+
 GENERATORS = {"WS": {"k": 4, "p": 0.75}, "ER": {"p": 0.3}, "BA": {"m": 3}}
 FAST = ["lean", "lean+recompute"]  # executor variants checked against the reference
 RTOL = 1e-5
@@ -34,15 +36,7 @@ def perturbed_stage(spec, cin, cout, norm="BN", drop_path=0.0, seed=0):
     """A reference stage with non-trivial aggregation weights and running statistics."""
     torch.manual_seed(seed)
     stage = RandWireStage(spec, cin, cout, norm=norm, drop_path=drop_path, executor="reference")
-    with torch.no_grad():
-        for p in stage.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-        for name, b in stage.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 2.0)
-            elif name.endswith("running_mean"):
-                b.normal_()
-    return stage
+    return perturb_(stage)
 
 
 def run(stage, x, grad_out_seed=123, rng_seed=7):

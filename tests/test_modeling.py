@@ -17,6 +17,8 @@ from randwire_d2.modeling.network import ClassifierHead, ConvStage, RandWireNet,
 from randwire_d2.modeling.node import NodeOp, drop_path_mask
 from randwire_d2.modeling.stage import EXECUTORS, RandWireStage
 
+from conftest import perturb_
+
 WS = {"k": 4, "p": 0.75}
 
 # Paper Table 1, N=32: stage -> (output channels, random-graph nodes; None = plain conv).
@@ -62,15 +64,7 @@ def test_input_nodes_change_channels_and_stride():
 def randomized(module):
     """Non-trivial aggregation weights and BN statistics, so every op visibly matters."""
     torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-        for name, b in module.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 2.0)
-            elif name.endswith("running_mean"):
-                b.normal_()
-    return module
+    return perturb_(module)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
