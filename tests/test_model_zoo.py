@@ -71,8 +71,9 @@ def test_get_builds_the_demo_and_loads_given_weights(tmp_path):
     RandWireCheckpointer(model, save_dir=str(tmp_path)).save("mine")
     loaded = model_zoo.get("demo/randwire_frcnn_demo.yaml", device="cpu", weights=str(tmp_path / "mine.pth"))
     fresh = model_zoo.get("demo/randwire_frcnn_demo.yaml", device="cpu", weights="")
-    name, want = next(iter(model.state_dict().items()))
-    assert torch.equal(loaded.state_dict()[name], want) and not torch.equal(fresh.state_dict()[name], want)
+    got, init = dict(loaded.named_parameters()), dict(fresh.named_parameters())
+    for name, want in model.named_parameters():  # every parameter: the checkpoint's, not a fresh init
+        assert torch.equal(got[name], want) and not torch.equal(init[name], want), name
 
     lazy = model_zoo.get("lazy/demo/randwire_frcnn_demo.py", device="cpu")  # the yaml's LazyConfig twin
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
