@@ -46,6 +46,7 @@ from .data.custom import (
 )
 from .data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts
 from .errors import TrainingError, hide_console_tracebacks, one_line
+from .preemption import StopHook
 from .run_settings import check_run_values
 
 logger = logging.getLogger("randwire_d2")
@@ -259,7 +260,8 @@ class Trainer(DefaultTrainer):
             hook = ExactResumeHook(loader=loader)
         else:
             hook = ExactResumeHook(seed=self.cfg.SEED if self.cfg.SEED >= 0 else None)
-        return [hook] + super().build_hooks()
+        # StopHook last: a stop signal checkpoints the iteration after its evaluation and logging
+        return [hook] + super().build_hooks() + [StopHook(self.checkpointer)]
 
     # detectron2 v0.6's DefaultTrainer does not checkpoint its SimpleTrainer: the optimizer
     # (momentum buffers, and the param groups' current LR) was lost on resume. HEAD saves

@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from .errors import WorkerError, one_line
+from .preemption import RunStopped, forward_stop_signals
 
 __all__ = ["DEFAULT_TIMEOUT", "check_port_free", "die_with_parent", "launch", "uses_cuda"]
 
@@ -130,32 +131,64 @@ def launch(
     spawn_level = spawn_logger.level
     spawn_logger.setLevel(logging.ERROR)
     try:
-        if uses_cuda(device):
-            from detectron2.engine import launch as d2_launch
-
-            return d2_launch(
-                worker,
-                num_processes_per_machine,
-                num_machines=num_machines,
-                machine_rank=machine_rank,
-                dist_url=dist_url,
-                args=args,
-                timeout=timeout,
-            )
-        if num_machines > 1 and dist_url.startswith("file://"):
-            logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
-        mp.start_processes(
-            _cpu_worker,
-            nprocs=num_processes_per_machine,
-            args=(worker, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
-            daemon=False,
-            start_method="spawn",
-        )
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        raise WorkerError(_worker_cause(error_dir, exc, machine_rank * num_processes_per_machine)) from exc
+        with forward_stop_signals() as received:
+            try:
+                result = _start(worker, num_processes_per_machine, num_machines, machine_rank, dist_url, args,
+                                timeout, device, world_size)
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+                stopped = _stop_report(error_dir)
+                if stopped is not None or received:  # workers killed by a signal, not failed
+                    raise stopped or RunStopped(received[0]) from None
+                raise WorkerError(_worker_cause(error_dir, exc, machine_rank * num_processes_per_machine)) from exc
+        stopped = _stop_report(error_dir)
+        if stopped is not None:
+            raise stopped
+        return result
     finally:
         spawn_logger.setLevel(spawn_level)
         shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _start(worker, num_processes_per_machine, num_machines, machine_rank, dist_url, args, timeout, device,
+           world_size):
+    if uses_cuda(device):
+        from detectron2.engine import launch as d2_launch
+
+        return d2_launch(
+            worker,
+            num_processes_per_machine,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+            args=args,
+            timeout=timeout,
+        )
+    if num_machines > 1 and dist_url.startswith("file://"):
+        logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
+    mp.start_processes(
+        _cpu_worker,
+        nprocs=num_processes_per_machine,
+        args=(worker, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+        start_method="spawn",
+    )
+    return None
+
+
+def _stop_report(error_dir: str):
+    """The :class:`RunStopped` of the lowest rank that reported one (rank 0 wrote the checkpoint)."""
+    reports = []
+    for name in os.listdir(error_dir):
+        if name.startswith("stop."):
+            try:
+                with open(os.path.join(error_dir, name)) as f:
+                    reports.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    if not reports:
+        return None
+    first = min(reports, key=lambda r: (r["iteration"] is None, r["rank"] if r["rank"] is not None else 1 << 30))
+    return RunStopped(first["signum"], first["iteration"], first["checkpoint"])
 
 
 # --------------------------------------------------------------------------- worker lifecycle
@@ -202,12 +235,21 @@ class _Worker:
         self.guard()
         try:
             return self.main_func(*args)
+        except RunStopped as stop:  # not a failure: tell the launcher, exit normally
+            report = {"rank": _rank(), "signum": stop.signum, "iteration": stop.iteration,
+                      "checkpoint": stop.checkpoint}
+            with open(os.path.join(self.error_dir, f"stop.{os.getpid()}.json"), "w") as f:
+                json.dump(report, f)
+            return None
         except Exception as exc:
-            rank = comm.get_rank() if dist.is_available() and dist.is_initialized() else None
             path = os.path.join(self.error_dir, f"error.{os.getpid()}.json")
             with open(path, "w") as f:
-                json.dump({"rank": rank, "message": one_line(exc), "time": time.time()}, f)
+                json.dump({"rank": _rank(), "message": one_line(exc), "time": time.time()}, f)
             raise
+
+
+def _rank():
+    return comm.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
 def _worker_cause(error_dir: str, exc: Exception, first_global_rank: int) -> str:
@@ -215,6 +257,8 @@ def _worker_cause(error_dir: str, exc: Exception, first_global_rank: int) -> str
     its peers are consequences), else torch's description of the failure."""
     reports = []
     for name in os.listdir(error_dir):
+        if not name.startswith("error."):
+            continue
         try:
             with open(os.path.join(error_dir, name)) as f:
                 reports.append(json.load(f))

@@ -6,6 +6,7 @@ on CPU with tiny models (C=16, N=10, 64 px images) and a few iterations.
 """
 import errno
 import io
+import re
 import json
 import math
 import multiprocessing
@@ -68,11 +69,7 @@ register_image_folder({cls_train!r}, {cls_train_root!r})
 register_image_folder({cls_val!r}, {cls_val_root!r})
 import train_net
 if __name__ == "__main__":
-    args = train_net.argument_parser().parse_args()
-    try:
-        train_net.launch_from_args(args)
-    except Exception as exc:
-        sys.exit(train_net.error_line(exc))
+    train_net.run(train_net.argument_parser().parse_args())
 '''
 
 
@@ -146,13 +143,13 @@ def _argv(config, opts, *flags):
     return argv
 
 
-def _popen(data, config, opts, *flags):
+def _popen(data, config, opts, *flags, **popen_kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log = open(os.path.join(opts["OUTPUT_DIR"] + ".log"), "w")
     os.makedirs(opts["OUTPUT_DIR"], exist_ok=True)
     return subprocess.Popen(
         [sys.executable, data["runner"], *_argv(config, opts, *flags)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, **popen_kwargs,
     )
 
 
@@ -363,6 +360,107 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data, tmp_path, task):
     with open(os.path.join(ref["OUTPUT_DIR"], "final_metrics.json")) as f1, \
             open(os.path.join(run["OUTPUT_DIR"], "final_metrics.json")) as f2:
         assert _same(json.load(f1), json.load(f2))
+
+
+# --------------------------------------------------------------------------- stop signals
+STOPPED_LINE = r"^stopped by (SIG\w+) at iteration (\d+): checkpoint (\S+); continue with --resume$"
+
+
+def _assert_equal_weights(a_dir, b_dir):
+    a, b = _weights(a_dir), _weights(b_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def _assert_stopped_cleanly(out, iteration, max_iter):
+    from randwire_d2.output_dir import LOCK_NAME
+
+    assert iteration < max_iter - 1, "stopped too late: make MAX_ITER larger"
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read().strip() == f"model_{iteration:07d}.pth"
+    saved = torch.load(os.path.join(out, f"model_{iteration:07d}.pth"), map_location="cpu", weights_only=False)
+    assert saved["iteration"] == iteration and "_trainer" in saved["trainer"]  # exact-resume state
+    assert not os.path.exists(os.path.join(out, LOCK_NAME))
+    assert not os.path.exists(os.path.join(out, "model_final.pth"))
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups, /proc")
+def test_stop_sigterm_to_every_process_checkpoints_iteration_and_resume_is_bit_identical(data, tmp_path):
+    """SIGTERM to every process of a 2-process CPU run with a loader worker per process (as
+    SLURM and a terminal send it), then a second signal while it stops: it finishes the
+    iteration, checkpoints it, releases the lock, prints one line, exits 143 and leaves no
+    process behind; --resume ends bit-identical to an uninterrupted run."""
+    extra = {"DATALOADER.NUM_WORKERS": 1, "MODEL.RANDWIRE.DROPOUT": 0.2, "MODEL.RANDWIRE.DROP_PATH": 0.1}
+    config, ref = cls_opts(tmp_path / "ref", max_iter=20, period=3, **extra)
+    _, run = cls_opts(tmp_path / "run", max_iter=20, period=3, **extra)
+    out = run["OUTPUT_DIR"]
+    victim = _popen(data, config, run, "--num-gpus", "2", start_new_session=True)
+    try:
+        _wait_for(lambda: os.path.exists(os.path.join(out, "last_checkpoint")) or victim.poll() is not None,
+                  240, "the first checkpoint")
+        os.killpg(victim.pid, signal.SIGTERM)
+        time.sleep(0.05)
+        os.killpg(victim.pid, signal.SIGINT)  # a second signal while stopping changes nothing
+        rc = victim.wait(timeout=120)
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+    log = open(out + ".log").read()
+    stopped = [m for m in (re.match(STOPPED_LINE, line) for line in log.splitlines()) if m]
+    assert rc == 128 + signal.SIGTERM and stopped, (rc, log[-3000:])
+    name, iteration, path = stopped[-1].groups()
+    iteration = int(iteration)
+    assert name == "SIGTERM" and path == os.path.join(out, f"model_{iteration:07d}.pth"), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    _assert_stopped_cleanly(out, iteration, 20)
+
+    def group_alive():
+        try:
+            os.killpg(victim.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    _wait_for(lambda: not group_alive(), 30, "every process of the stopped run to exit")
+
+    reference = _popen(data, config, ref, "--num-gpus", "2")
+    resumed = _popen(data, config, run, "--num-gpus", "2", "--resume")
+    _wait(reference, ref)
+    _wait(resumed, run)
+    assert f"resumes at global batch {iteration + 1}" in open(os.path.join(out, "log.txt")).read()
+    _assert_equal_weights(ref["OUTPUT_DIR"], out)
+
+
+def test_stop_sigint_single_process_detection_resumes_bit_identical(data, tmp_path):
+    """Ctrl-C (SIGINT) of a one-process detection run: RunStopped (exit code 130) naming the
+    checkpoint of the finished iteration; --resume ends bit-identical."""
+    import threading
+
+    from randwire_d2.preemption import RunStopped
+
+    extra = {"MODEL.RANDWIRE.DROP_PATH": 0.1}
+    config, ref = det_opts(tmp_path / "ref", max_iter=14, period=3, **extra)
+    _, run = det_opts(tmp_path / "run", max_iter=14, period=3, **extra)
+    out = run["OUTPUT_DIR"]
+
+    def interrupt():
+        _wait_for(lambda: os.path.exists(os.path.join(out, "last_checkpoint")), 240, "the first checkpoint")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RunStopped) as stop:
+        _run_in_process(config, run)
+    assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
+    assert stop.value.exit_code == 130 and stop.value.signal_name == "SIGINT"
+    assert re.match(STOPPED_LINE, str(stop.value)), str(stop.value)
+    assert stop.value.checkpoint == os.path.join(out, f"model_{stop.value.iteration:07d}.pth")
+    _assert_stopped_cleanly(out, stop.value.iteration, 14)
+    _run_in_process(config, ref)
+    _run_in_process(config, run, "--resume")
+    _assert_equal_weights(ref["OUTPUT_DIR"], out)
 
 
 # --------------------------------------------------------------------------- distributed

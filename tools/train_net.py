@@ -30,6 +30,7 @@ from randwire_d2.engine import Trainer, is_classification, setup, setup_cfg  # n
 from randwire_d2.errors import TrainingError, WorkerError, debug_enabled, log_failure, one_line  # noqa: E402
 from randwire_d2.launch import launch  # noqa: E402
 from randwire_d2.output_dir import OutputDirLock, check_existing_results  # noqa: E402
+from randwire_d2.preemption import RunStopped, stop_on_signals  # noqa: E402
 from randwire_d2.preflight import check_before_launch  # noqa: E402
 
 
@@ -44,6 +45,11 @@ def argument_parser():
 
 
 def main(args):
+    with stop_on_signals():  # SIGTERM/SIGUSR1/SIGINT: checkpoint the iteration, raise RunStopped
+        return _main(args)
+
+
+def _main(args):
     try:
         cfg = setup(args)
         if args.eval_only:
@@ -101,12 +107,21 @@ def error_line(exc: BaseException) -> str:
     return f"error: {one_line(exc)}{where})"
 
 
-if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    print("Command Line Args:", args)
+def run(args) -> None:
+    """launch_from_args for the command line: exits with one line on failure (status 1)
+    or on a stop signal (128 + signal, e.g. 143 for SIGTERM)."""
     try:
         launch_from_args(args)
+    except RunStopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
     except Exception as exc:
         if debug_enabled():
             raise
         sys.exit(error_line(exc))
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    run(args)
