@@ -52,6 +52,7 @@ from randwire_d2.engine import (  # noqa: E402
 )
 from randwire_d2.launch import launch  # noqa: E402
 from randwire_d2.modeling import RandWireNet  # noqa: E402
+from randwire_d2.preemption import RunStopped, StopHook, stop_on_signals  # noqa: E402
 
 logger = logging.getLogger("randwire_d2")
 
@@ -186,6 +187,7 @@ def do_train(args, cfg):
             )
             if comm.is_main_process()
             else None,
+            StopHook(checkpointer),  # last: SIGTERM/SIGUSR1/SIGINT checkpoint the finished iteration
         ]
     )
 
@@ -201,6 +203,11 @@ def do_train(args, cfg):
 
 
 def main(args):
+    with stop_on_signals():
+        return _main(args)
+
+
+def _main(args):
     cfg = load_config(args.config_file, args.opts)
     check_train_settings(cfg, resume=args.resume)
     default_setup(cfg, args)  # also seeds the RNGs from train.seed (random if < 0)
@@ -239,6 +246,9 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     try:
         launch_from_args(args)
+    except RunStopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # ours name the key, file or value
         if os.environ.get("RANDWIRE_DEBUG") or (isinstance(exc, KeyError) and "Non-existent" not in str(exc)):
             raise
