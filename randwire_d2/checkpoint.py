@@ -119,6 +119,40 @@ def check_graph_specs(model_specs: Mapping[str, GraphSpec], stored: Mapping[str,
         )
 
 
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip archive"), (b"BZh", "a bzip2 archive"), (b"\xfd7zXZ", "an xz archive"),
+    (b"7z\xbc\xaf", "a 7z archive"), (b"%PDF", "a PDF document"), (b"\x89HDF", "an HDF5 file"),
+    (b"\x93NUMPY", "a numpy .npy array"), (b"\x7fELF", "an executable"),
+)
+
+
+def weights_file_problem(path: str) -> str:
+    """'' if ``path`` can be a checkpoint (a PyTorch zip or pickle, a detectron2 .pkl),
+    else what it is instead; reads only its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch >= 1.6), pickle protocol >= 2
+        return ""
+    if not head:
+        return "is an empty file"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return f"is {what}"
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:
+        return "is an unknown binary file"
+    if text.startswith(("{", "[")):
+        return "is a text (JSON?) file"
+    if text.startswith(("_BASE_", "MODEL", "#", "---")):
+        return "is a text (YAML config?) file"
+    return "is a text file"
+
+
 class CheckpointReadError(ValueError):
     """A checkpoint file that cannot be read (truncated, corrupt, missing)."""
 

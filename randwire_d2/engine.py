@@ -238,6 +238,12 @@ class Trainer(DefaultTrainer):
         try:
             return super().train()
         except Exception as exc:
+            if self.iter >= self.max_iter:  # the loop finished: the final evaluation failed
+                raise TrainingError(
+                    f"the evaluation after training failed: {one_line(exc)} (training finished: "
+                    f"{self._last_good_checkpoint()})",
+                    self.iter,
+                ) from exc
             raise TrainingError(
                 f"training stopped at iteration {self.iter}: {one_line(exc)} ({self._last_good_checkpoint()})",
                 self.iter,
@@ -424,6 +430,7 @@ def setup_cfg(config_file: str, opts=()):
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--config-file {config_file!r} does not exist.")
+        check_config_bases(config_file)
         cfg.merge_from_file(config_file)
     opts = list(opts)
     if len(opts) % 2:
@@ -436,6 +443,42 @@ def setup_cfg(config_file: str, opts=()):
         raise
     register_custom_datasets(cfg)  # DATASETS.COCO_JSON / VOC: here, so in every process
     return cfg
+
+
+def check_config_bases(config_file: str) -> None:
+    """Every ``_BASE_`` of a yaml config (and of its bases) exists; a relative one is resolved
+    against the folder of the file naming it, as detectron2 does, and the error names both."""
+    import yaml
+
+    seen, todo = set(), [config_file]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            with open(path) as f:
+                base = (yaml.safe_load(f) or {}).get("_BASE_")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return  # merge_from_file reports it
+        if not isinstance(base, str):
+            continue
+        resolved = os.path.expanduser(base)
+        if not resolved.startswith(("/", "https://", "http://")):
+            resolved = os.path.join(os.path.dirname(path), resolved)
+        if os.path.isfile(resolved):
+            todo.append(resolved)
+            continue
+        import randwire_d2
+
+        shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(randwire_d2.__file__))), "configs")
+        candidates = [os.path.join(root, os.path.basename(base)) for root, _, files in os.walk(shipped)
+                      if os.path.basename(base) in files]
+        hint = f": set it to {candidates[0]!r}" if candidates else ""
+        raise FileNotFoundError(
+            f"{path!r}: _BASE_ {base!r} resolves to {os.path.normpath(os.path.abspath(resolved))!r}, which does "
+            f"not exist (a relative _BASE_ is relative to the folder of the file that names it){hint}."
+        )
 
 
 def model_num_classes(model) -> Optional[int]:
@@ -466,6 +509,15 @@ def check_run_settings(cfg, resume: bool = False, world_size: Optional[int] = No
             "with tools/convert_pretrained.py (see configs/randwire_frcnn.yaml), or pass MODEL.WEIGHTS \"\" "
             "to train from scratch."
         )
+    if weights and "://" not in weights and os.path.isfile(weights) and not resuming:
+        from .checkpoint import weights_file_problem
+
+        problem = weights_file_problem(weights)
+        if problem:
+            raise ValueError(
+                f"cfg.MODEL.WEIGHTS = {weights!r} {problem}, not a checkpoint (a PyTorch .pth or a detectron2 "
+                ".pkl, e.g. model_final.pth of a training or tools/convert_pretrained.py's output)."
+            )
     rw = cfg.MODEL.RANDWIRE
     if world > 1 and not device.startswith("cuda"):
         norms = {

@@ -279,11 +279,39 @@ def check_dataset_files(names: Sequence[str], key: str = "DATASETS") -> None:
         )
 
 
+def check_test_images(names: Sequence[str], key: str = "DATASETS.TEST") -> None:
+    """Evaluation datasets: their records load and every image file exists (else the final
+    evaluation, after the whole training, would be the first to find out); a dataset
+    without any annotation is evaluated to null metrics, which is said now."""
+    for name in names:
+        if MetadataCatalog.get(name).get("generated_on_demand", False):
+            continue
+        source = MetadataCatalog.get(name).get("config_key", None) or key
+        try:
+            dicts = DatasetCatalog.get(name)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"cfg.{source}: cannot load dataset {name!r}: {type(exc).__name__}: {exc}") from None
+        missing = [d.get("file_name") for d in dicts if not os.path.isfile(str(d.get("file_name")))]
+        if missing:
+            raise DataError(
+                f"cfg.{source}: {len(missing)} of the {len(dicts)} images of dataset {name!r} do not exist, e.g. "
+                f"{missing[0]!r} (wrong image_root?)."
+            )
+        if dicts and all("annotations" in d for d in dicts) and not any(d["annotations"] for d in dicts):
+            logger.warning(
+                f"Dataset {name!r} ({source}) has no annotations: every evaluation metric will be null."
+            )
+
+
 def check_detection_datasets(cfg, eval_only: bool = False) -> None:
-    """Pre-flight of a detection run: the datasets it will use exist and match NUM_CLASSES."""
+    """Pre-flight of a detection run: the datasets it will use exist (the evaluation's down to
+    each image) and match NUM_CLASSES."""
     groups = [("DATASETS.TEST", cfg.DATASETS.TEST)]
     if not eval_only:
         groups.insert(0, ("DATASETS.TRAIN", cfg.DATASETS.TRAIN))
     for key, names in groups:
         check_dataset_files(names, key)
         check_dataset_classes(cfg, names)
+    check_test_images(cfg.DATASETS.TEST)
