@@ -218,7 +218,8 @@ def _main(args):
         model.to(cfg.train.device)
         with _ddp_for_cpu_models():
             model = create_ddp_model(model)
-        RandWireCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+        # evaluation loads every tensor of the checkpoint, or refuses
+        RandWireCheckpointer(model, save_dir=cfg.train.output_dir, complete=True).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume
         )
         return do_test(cfg, model)

@@ -26,7 +26,7 @@ import randwire_d2  # noqa: E402,F401  (registers backbones, meta-arch, datasets
 from detectron2.engine import default_argument_parser  # noqa: E402
 from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
 from randwire_d2.data.custom import check_detection_datasets  # noqa: E402
-from randwire_d2.engine import Trainer, is_classification, setup, setup_cfg  # noqa: E402
+from randwire_d2.engine import Trainer, check_checkpoint_classes, is_classification, setup, setup_cfg  # noqa: E402
 from randwire_d2.errors import TrainingError, WorkerError, debug_enabled, log_failure, one_line  # noqa: E402
 from randwire_d2.launch import launch  # noqa: E402
 from randwire_d2.output_dir import OutputDirLock, check_existing_results  # noqa: E402
@@ -52,11 +52,11 @@ def main(args):
 def _main(args):
     try:
         cfg = setup(args)
-        if args.eval_only:
+        if args.eval_only:  # setup() resolved the weights (--resume: the last checkpoint) into MODEL.WEIGHTS
             model = Trainer.build_model(cfg)
-            RandWireCheckpointer(
-                model, save_dir=cfg.OUTPUT_DIR, partial_weights=cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS
-            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            checkpointer = RandWireCheckpointer(model, complete=True)  # every tensor, or refused
+            checkpointer.load(cfg.MODEL.WEIGHTS)
+            check_checkpoint_classes(cfg, checkpointer.loaded_class_names, cfg.MODEL.WEIGHTS)
             return Trainer.test(cfg, model)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
