@@ -44,6 +44,7 @@ from .data.custom import (
     check_dataset_files,
     check_detection_datasets,
     register_custom_datasets,
+    resolve_num_classes,
 )
 from .data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts
 from .errors import TrainingError, hide_console_tracebacks, one_line
@@ -491,6 +492,10 @@ def setup_cfg(config_file: str, opts=()):
             raise KeyError(f"Non-existent config key: {str(exc)[len('Non-existent key: '):]} (command line)") from None
         raise
     register_custom_datasets(cfg)  # DATASETS.COCO_JSON / VOC: here, so in every process
+    if not is_classification(cfg):
+        message = resolve_num_classes(cfg)  # NUM_CLASSES 0: the training data's count
+        if message:
+            logger.info(message)
     return cfg
 
 

@@ -498,3 +498,24 @@ def test_copied_template_names_its_base(tmp_path):
                                                 rf"'{tmp_path.parent}/randwire_frcnn.yaml', which does not exist .*"
                                                 rf"set it to '{REPO}/configs/randwire_frcnn.yaml'\.$"):
         setup_cfg(str(copy))
+
+
+def test_template_copy_is_runnable_after_pointing_it_at_the_data(data, tmp_path):
+    """The fine-tuning template, copied elsewhere: with its _BASE_ made absolute (what the
+    error says) and the dataset entries pointed at the data, every pre-launch check passes
+    and the class count comes from the training data."""
+    from randwire_d2.preflight import check_before_launch
+
+    text = open(CONFIG).read().replace('"../randwire_frcnn.yaml"', repr(os.path.join(REPO, "configs/randwire_frcnn.yaml")))
+    text = text.replace('"datasets/my_dataset/annotations/train.json", "datasets/my_dataset/images"',
+                        f'"{data["coco"][0][1]}", "{data["coco"][0][2]}"')
+    text = text.replace('"datasets/my_dataset/annotations/val.json", "datasets/my_dataset/images"',
+                        f'"{data["coco"][1][1]}", "{data["coco"][1][2]}"')
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(text)
+    opts = ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o")]  # this machine has no GPU
+    args = default_argument_parser().parse_args(["--config-file", str(copy), *opts])
+    cfg = setup_cfg(str(copy), opts)
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3 and cfg.MODEL.WEIGHTS == ""
+    check_before_launch(cfg, args)
+    setup(args)  # what every training process runs before building the model

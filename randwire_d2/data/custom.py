@@ -39,6 +39,7 @@ __all__ = [
     "dataset_class_names",
     "load_voc_detection",
     "register_custom_datasets",
+    "resolve_num_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,30 @@ def _num_classes_key(cfg) -> Optional[str]:
     if arch == "ProposalNetwork":
         return None
     return "MODEL.ROI_HEADS.NUM_CLASSES"
+
+
+def resolve_num_classes(cfg) -> Optional[str]:
+    """``NUM_CLASSES 0`` (the fine-tuning template's default) means the class count of the
+    training dataset (DATASETS.TRAIN[0], else TEST[0]): set it in ``cfg``; returns a message."""
+    key = _num_classes_key(cfg)
+    if key is None:
+        return None
+    section, leaf = key.rsplit(".", 1)
+    node = cfg
+    for part in section.split("."):
+        node = node[part]
+    if node[leaf] != 0:
+        return None
+    which, names = ("DATASETS.TRAIN", cfg.DATASETS.TRAIN) if cfg.DATASETS.TRAIN else ("DATASETS.TEST", cfg.DATASETS.TEST)
+    if not names:
+        raise ValueError(f"cfg.{key} = 0 takes the class count of DATASETS.TRAIN, which is empty: set {key}.")
+    check_dataset_files(names[:1], which)
+    classes = dataset_class_names(names[0])
+    if not classes:
+        raise ValueError(f"cfg.{key} = 0 takes the class count of dataset {names[0]!r}, which declares no class "
+                         f"names: set {key}.")
+    node[leaf] = len(classes)
+    return f"cfg.{key} = 0 is replaced by {len(classes)}: the classes of dataset {names[0]!r} ({which})"
 
 
 def check_dataset_classes(cfg, names: Sequence[str], num_classes: Optional[int] = None) -> None:
