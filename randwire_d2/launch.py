@@ -292,13 +292,26 @@ def _set_local_process_group(num_per_machine: int, machine_rank: int) -> None:
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
     if isinstance(main_func, _Worker):
         main_func.guard()  # before the rendezvous, which can wait for minutes
-    global_rank = machine_rank * num_per_machine + local_rank
     if "OMP_NUM_THREADS" not in os.environ:
         # N processes on one machine: share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
+    run_in_process_group(
+        main_func, args, world_size=world_size, global_rank=machine_rank * num_per_machine + local_rank,
+        num_per_machine=num_per_machine, machine_rank=machine_rank, dist_url=dist_url, timeout=timeout,
+        backend="gloo",
+    )
+
+
+def run_in_process_group(main_func, args, *, world_size, global_rank, num_per_machine, machine_rank, dist_url,
+                         timeout=DEFAULT_TIMEOUT, backend="gloo"):
+    """In one process of a distributed run (started by us, or by SLURM): join the process
+    group (and detectron2's per-machine group), run ``main_func(*args)``, leave the group.
+    ``backend`` "nccl": this process drives GPU ``global_rank % num_per_machine``."""
+    if backend == "nccl":
+        torch.cuda.set_device(global_rank % num_per_machine)
     try:
         dist.init_process_group(
-            backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+            backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
         )
     except Exception:
         logger.error(f"Process group URL: {dist_url} (rank {global_rank} of {world_size})")
@@ -307,8 +320,9 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     comm.synchronize()
     # on failure, no teardown barrier: peers may wait for this rank inside a collective
     # (detectron2 raises on a non-finite loss in rank 0 only); the launcher ends them
-    main_func(*args)
+    result = main_func(*args)
     shutdown_process_group()
+    return result
 
 
 def shutdown_process_group() -> None:

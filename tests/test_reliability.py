@@ -518,6 +518,76 @@ def test_distributed_two_cpu_processes_match_one(data, tmp_path, task):
     assert any(not torch.allclose(start[n], ref[n]) for n, _ in model.named_parameters())
 
 
+def test_distributed_two_machines_match_two_processes_on_one(data, tmp_path):
+    """Two launchers, ``--num-machines 2 --machine-rank 0/1`` with one CPU process each and the
+    same tcp:// rendezvous (two machines, simulated on this one with a shared OUTPUT_DIR),
+    train to the same weights, bit for bit, as one launcher with two processes."""
+    extra = {"SOLVER.BASE_LR": 0.01, "MODEL.RANDWIRE.DROP_PATH": 0.1}
+    config, two_machines = cls_opts(tmp_path / "machines", max_iter=4, **extra)
+    _, one_machine = cls_opts(tmp_path / "processes", max_iter=4, **extra)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    machine_flags = ["--num-gpus", "1", "--num-machines", "2", "--dist-url", url]
+    machine0 = _popen(data, config, two_machines, *machine_flags, "--machine-rank", "0")
+    os.makedirs(tmp_path / "m1", exist_ok=True)
+    machine1 = subprocess.Popen(
+        [sys.executable, data["runner"], *_argv(config, two_machines, *machine_flags, "--machine-rank", "1")],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+        stdout=open(tmp_path / "m1" / "log", "w"), stderr=subprocess.STDOUT,
+    )
+    reference = _popen(data, config, one_machine, "--num-gpus", "2")
+    _wait(reference, one_machine)
+    _wait(machine0, two_machines)
+    rc = machine1.wait(timeout=240)
+    assert rc == 0, open(tmp_path / "m1" / "log").read()[-3000:]
+    log = open(os.path.join(two_machines["OUTPUT_DIR"], "log.txt")).read()
+    assert "World size: 2" in log and "Rank of current process: 0" in log
+    assert "Rank of current process: 1" in open(os.path.join(two_machines["OUTPUT_DIR"], "log.txt.rank1")).read()
+    _assert_equal_weights(one_machine["OUTPUT_DIR"], two_machines["OUTPUT_DIR"])
+
+
+def test_distributed_slurm_launcher_through_submitit_local_executor(data, tmp_path):
+    """``--launcher slurm --gpus-per-node 2`` (submitit's local executor standing in for SLURM):
+    one job of two tasks rendezvousing at the job's port trains to the same weights, bit for
+    bit, as two local processes; submitit's logs are under OUTPUT_DIR, the lock is released."""
+    pytest.importorskip("submitit")
+    from randwire_d2.output_dir import LOCK_NAME
+
+    extra = {"SOLVER.BASE_LR": 0.01, "DATASETS.IMAGENET_ROOT": str(data["root"] / "cls"),  # registered in any process
+             "DATASETS.TRAIN": ("imagenet_train",), "DATASETS.TEST": ("imagenet_val",)}
+    config, slurm = cls_opts(tmp_path / "slurm", max_iter=4, **extra)
+    _, local = cls_opts(tmp_path / "local", max_iter=4, **extra)
+    reference = _popen(data, config, local, "--num-gpus", "2")
+    args = train_net.argument_parser().parse_args(_argv(
+        config, slurm, "--launcher", "slurm", "--submitit-cluster", "local", "--nodes", "1", "--gpus-per-node", "2",
+        "--time", "10"))
+    job = train_net.launch_from_args(args)
+    job.result()  # raises with the task's error if it failed
+    _wait(reference, local)
+    _assert_equal_weights(local["OUTPUT_DIR"], slurm["OUTPUT_DIR"])
+    assert "World size: 2" in open(os.path.join(slurm["OUTPUT_DIR"], "log.txt")).read()
+    assert os.listdir(os.path.join(slurm["OUTPUT_DIR"], "submitit"))
+    assert not os.path.exists(os.path.join(slurm["OUTPUT_DIR"], LOCK_NAME))
+
+
+def test_lifecycle_lock_of_the_same_slurm_job_is_taken_over_after_requeue(tmp_path, caplog):
+    from randwire_d2.output_dir import LOCK_NAME, OutputDirLock, RunLockError
+
+    lock = tmp_path / LOCK_NAME
+    with open(lock, "w") as f:  # the job's first run, on another node, preempted
+        json.dump({"pid": 1234, "host": "node-a.example", "job_id": "4242", "since": 0}, f)
+    with pytest.raises(RunLockError, match=r"locked by a run on another host \(pid 1234 on host node-a.example, "
+                                           r"SLURM job 4242"):
+        OutputDirLock(str(tmp_path), job_id="9999").acquire()
+    with caplog.at_level("WARNING", logger="randwire_d2"):
+        with OutputDirLock(str(tmp_path), job_id="4242") as taken:
+            assert taken.read_owner()["job_id"] == "4242" and taken.read_owner()["pid"] == os.getpid()
+    assert "earlier run of SLURM job 4242" in caplog.text and "requeued" in caplog.text
+    assert not lock.exists()
+
+
 def test_distributed_syncbn_on_cpu_is_refused_with_advice(monkeypatch):
     """torch's SyncBatchNorm is CUDA-only (it raises on CPU inputs in a process group):
     a multi-process CPU run with SyncBN is refused up front, naming the key and naiveSyncBN."""

@@ -53,6 +53,7 @@ from randwire_d2.engine import (  # noqa: E402
 from randwire_d2.launch import launch  # noqa: E402
 from randwire_d2.modeling import RandWireNet  # noqa: E402
 from randwire_d2.preemption import RunStopped, StopHook, stop_on_signals  # noqa: E402
+from randwire_d2.slurm import add_slurm_arguments, submit  # noqa: E402
 
 logger = logging.getLogger("randwire_d2")
 
@@ -230,7 +231,15 @@ def _main(args):
 def launch_from_args(args):
     # read the config once here: a bad file or override fails before any process starts,
     # and train.device picks the backend (NCCL on GPUs, gloo on CPU)
-    device = load_config(args.config_file, args.opts).train.device
+    cfg = load_config(args.config_file, args.opts)
+    device = cfg.train.device
+    if getattr(args, "launcher", "local") == "slurm":  # one job of --nodes x --gpus-per-node tasks
+        from randwire_d2.launch import uses_cuda
+
+        check_train_settings(cfg, resume=args.resume)
+        job = submit(__file__, args, cfg.train.output_dir, uses_cuda(device))
+        print(f"submitted SLURM job {job.job_id}: logs in {os.path.join(cfg.train.output_dir, 'submitit')}")
+        return job
     return launch(
         main,
         args.num_gpus,
@@ -243,7 +252,7 @@ def launch_from_args(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = add_slurm_arguments(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
     try:
         launch_from_args(args)

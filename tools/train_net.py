@@ -32,10 +32,11 @@ from randwire_d2.launch import launch  # noqa: E402
 from randwire_d2.output_dir import OutputDirLock, check_existing_results  # noqa: E402
 from randwire_d2.preemption import RunStopped, stop_on_signals  # noqa: E402
 from randwire_d2.preflight import check_before_launch  # noqa: E402
+from randwire_d2.slurm import add_slurm_arguments, submit  # noqa: E402
 
 
 def argument_parser():
-    parser = default_argument_parser()
+    parser = add_slurm_arguments(default_argument_parser())
     parser.add_argument(
         "--overwrite", action="store_true",
         help="start a new run in an OUTPUT_DIR that holds a previous run's checkpoints: deletes them and its "
@@ -78,6 +79,8 @@ def launch_from_args(args):
     """Check the settings, lock OUTPUT_DIR, then run ``main`` in ``args.num_gpus`` processes
     per machine (GPUs, or CPU processes with MODEL.DEVICE cpu) on ``args.num_machines`` machines."""
     cfg = setup_cfg(args.config_file, args.opts)
+    if getattr(args, "launcher", "local") == "slurm":
+        return submit_to_slurm(args, cfg)
     check_before_launch(cfg, args)
     if args.num_gpus * args.num_machines > 1 and not is_classification(cfg):
         check_detection_datasets(cfg, eval_only=args.eval_only)  # one clear error, not one per worker
@@ -98,6 +101,24 @@ def launch_from_args(args):
             args=(args,),
             device=cfg.MODEL.DEVICE,
         )
+
+
+def submit_to_slurm(args, cfg):
+    """--launcher slurm: the checks here, then one job of --nodes x --gpus-per-node tasks
+    (randwire_d2.slurm); returns the submitit job."""
+    from randwire_d2.launch import uses_cuda
+
+    args.num_gpus, args.num_machines, args.machine_rank = args.gpus_per_node, args.nodes, 0
+    check_before_launch(cfg, args)
+    if not is_classification(cfg):
+        check_detection_datasets(cfg, eval_only=args.eval_only)
+    if not args.eval_only:
+        check_existing_results(cfg.OUTPUT_DIR, resume=args.resume, overwrite=getattr(args, "overwrite", False),
+                               weights=cfg.MODEL.WEIGHTS)
+    job = submit(__file__, args, cfg.OUTPUT_DIR, uses_cuda(cfg.MODEL.DEVICE))
+    print(f"submitted SLURM job {job.job_id}: {args.nodes} node(s) x {args.gpus_per_node} process(es); logs in "
+          f"{os.path.join(cfg.OUTPUT_DIR, 'submitit')} and {os.path.join(cfg.OUTPUT_DIR, 'log.txt')}")
+    return job
 
 
 def error_line(exc: BaseException) -> str:
