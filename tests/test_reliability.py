@@ -428,6 +428,8 @@ def test_stop_sigterm_to_every_process_checkpoints_iteration_and_resume_is_bit_i
 
     _wait_for(lambda: not group_alive(), 30, "every process of the stopped run to exit")
 
+    # loader workers do not change the batches (test_distributed_global_batches_...): none from here on
+    ref["DATALOADER.NUM_WORKERS"] = run["DATALOADER.NUM_WORKERS"] = 0
     reference = _popen(data, config, ref, "--num-gpus", "2")
     resumed = _popen(data, config, run, "--num-gpus", "2", "--resume")
     _wait(reference, ref)
@@ -564,7 +566,7 @@ def test_distributed_slurm_launcher_through_submitit_local_executor(data, tmp_pa
         config, slurm, "--launcher", "slurm", "--submitit-cluster", "local", "--nodes", "1", "--gpus-per-node", "2",
         "--time", "10"))
     job = train_net.launch_from_args(args)
-    job.result()  # raises with the task's error if it failed
+    job.results()  # one per task; raises with the task's error if one failed
     _wait(reference, local)
     _assert_equal_weights(local["OUTPUT_DIR"], slurm["OUTPUT_DIR"])
     assert "World size: 2" in open(os.path.join(slurm["OUTPUT_DIR"], "log.txt")).read()
@@ -806,9 +808,10 @@ def test_corrupt_annotations_bad_boxes_are_counted_and_logged(tmp_path, caplog):
     assert "Dropped 3 unusable boxes" in text and "negative width/height" in text and "a.png" in text
     assert "Removed 1 images" in text
     # direct use: counts returned, NaN boxes dropped too, input untouched
-    recs = [{"file_name": "x.png", "annotations": [{"bbox": [0, 0, float("nan"), 4], "bbox_mode": 1, "category_id": 0}]}]
+    recs = [{"file_name": "x.png", "annotations": [{"bbox": [0, 0, float("nan"), 4], "bbox_mode": 1, "category_id": 0}]},
+            {"file_name": "y.png", "annotations": [{"bbox": [0, 0, 4, 4], "bbox_mode": 1, "category_id": 1}]}]
     kept, counts = sanitize_detection_dicts(recs, 2, check_files=False)
-    assert kept == [] and counts["dropped_boxes"] == 1 and counts["removed_images"] == 1
+    assert kept == recs[1:] and counts["dropped_boxes"] == 1 and counts["removed_images"] == 1
     assert len(recs[0]["annotations"]) == 1
 
 
