@@ -228,7 +228,8 @@ def test_class_count_mismatch_refused_before_any_inference(data, tmp_path, monke
     with pytest.raises(ValueError, match=r"model predicts 5 classes \(cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3\), but dataset 'mine_val' has 3"):
         Trainer.test(cfg, model)
     # the VOC class list counts too
-    voc_cfg = setup_cfg(CONFIG, TINY + ["DATASETS.VOC", repr(data["voc"]), "MODEL.WEIGHTS", ""])
+    voc_cfg = setup_cfg(CONFIG, TINY + ["DATASETS.VOC", repr(data["voc"]), "MODEL.WEIGHTS", "",
+                                        "MODEL.ROI_HEADS.NUM_CLASSES", "3"])
     with pytest.raises(ValueError, match=r"NUM_CLASSES = 3.*'mine_voc_val' has 5 classes"):
         check_dataset_classes(voc_cfg, ["mine_voc_val"])
 

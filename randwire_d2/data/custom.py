@@ -232,13 +232,13 @@ def resolve_num_classes(cfg) -> Optional[str]:
     if node[leaf] != 0:
         return None
     which, names = ("DATASETS.TRAIN", cfg.DATASETS.TRAIN) if cfg.DATASETS.TRAIN else ("DATASETS.TEST", cfg.DATASETS.TEST)
-    if not names:
-        raise ValueError(f"cfg.{key} = 0 takes the class count of DATASETS.TRAIN, which is empty: set {key}.")
-    check_dataset_files(names[:1], which)
-    classes = dataset_class_names(names[0])
+    try:  # a dataset that cannot tell: 0 stays, and the dataset checks say what is wrong
+        check_dataset_files(names[:1], which)
+        classes = dataset_class_names(names[0]) if names else None
+    except (ValueError, FileNotFoundError):
+        return None
     if not classes:
-        raise ValueError(f"cfg.{key} = 0 takes the class count of dataset {names[0]!r}, which declares no class "
-                         f"names: set {key}.")
+        return None
     node[leaf] = len(classes)
     return f"cfg.{key} = 0 is replaced by {len(classes)}: the classes of dataset {names[0]!r} ({which})"
 
