@@ -32,6 +32,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 __all__ = [
+    "STOP_EXIT_CODES",
     "STOP_SIGNALS",
     "RunStopped",
     "StopHook",
@@ -44,6 +45,7 @@ __all__ = [
 logger = logging.getLogger("randwire_d2")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_EXIT_CODES = frozenset(128 + s for s in STOP_SIGNALS)  # a tool's exit code after RunStopped
 
 
 class RunStopped(BaseException):
