@@ -419,8 +419,14 @@ def evaluated_weights(cfg) -> Dict:
     written, the in-memory weights of the current iteration before."""
     if _EVAL_WEIGHTS.get("record") is not None:
         return _EVAL_WEIGHTS["record"]
-    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    return training_weights(cfg.OUTPUT_DIR)
+
+
+def training_weights(output_dir: str) -> Dict:
+    """The weights a training's evaluation scores: model_final.pth once written (the final
+    evaluation), else the in-memory weights of the current iteration."""
+    final = os.path.join(output_dir, "model_final.pth")
+    last = os.path.join(output_dir, "last_checkpoint")
     try:
         with open(last) as f:
             is_final = f.read().strip() == "model_final.pth"

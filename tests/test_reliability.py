@@ -574,6 +574,22 @@ def test_distributed_slurm_launcher_through_submitit_local_executor(data, tmp_pa
     assert not os.path.exists(os.path.join(slurm["OUTPUT_DIR"], LOCK_NAME))
 
 
+def test_lifecycle_slurm_requeue_resumes_the_same_training(tmp_path):
+    """submitit calls checkpoint() before requeueing a preempted / timed-out job: the requeued
+    job is the same training with --resume; every task derives the same rendezvous port."""
+    pytest.importorskip("submitit")
+    from randwire_d2.slurm import DistributedTraining, job_port
+
+    args = train_net.argument_parser().parse_args(["--config-file", "x.yaml", "--launcher", "slurm", "--overwrite"])
+    job = DistributedTraining(os.path.join(REPO, "tools", "train_net.py"), args, False, str(tmp_path))
+    delayed = job.checkpoint()
+    requeued = delayed.function
+    assert isinstance(requeued, DistributedTraining) and requeued.output_dir == str(tmp_path)
+    assert requeued.args.resume and not requeued.args.overwrite and not args.resume  # the original is unchanged
+    assert job_port("12345") == job_port("12345") and 20000 <= job_port("12345") < 40000
+    assert job_port("12345") != job_port("12346")
+
+
 def test_lifecycle_lock_of_the_same_slurm_job_is_taken_over_after_requeue(tmp_path, caplog):
     from randwire_d2.output_dir import LOCK_NAME, OutputDirLock, RunLockError
 

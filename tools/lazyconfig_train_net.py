@@ -48,6 +48,8 @@ from randwire_d2.engine import (  # noqa: E402
     ExactResumeHook,
     _ddp_for_cpu_models,
     builtin_dataset_hint,
+    describe_weights,
+    training_weights,
     write_results,
 )
 from randwire_d2.launch import launch  # noqa: E402
@@ -140,7 +142,8 @@ def check_train_settings(cfg, resume: bool = False) -> None:
         cfg.train.amp.enabled = False
 
 
-def do_test(cfg, model):
+def do_test(cfg, model, weights=None):
+    """``weights``: describe_weights() of what is evaluated (default: the training's)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     try:
@@ -153,7 +156,7 @@ def do_test(cfg, model):
     results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process() and results:
         print_csv_format(results)
-        write_results(cfg.train.output_dir, results)
+        write_results(cfg.train.output_dir, results, weights=weights or training_weights(cfg.train.output_dir))
     return results
 
 
@@ -220,10 +223,10 @@ def _main(args):
         with _ddp_for_cpu_models():
             model = create_ddp_model(model)
         # evaluation loads every tensor of the checkpoint, or refuses
-        RandWireCheckpointer(model, save_dir=cfg.train.output_dir, complete=True).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume
-        )
-        return do_test(cfg, model)
+        checkpointer = RandWireCheckpointer(model, save_dir=cfg.train.output_dir, complete=True)
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        loaded = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else None
+        return do_test(cfg, model, weights=describe_weights(loaded or cfg.train.init_checkpoint))
     do_train(args, cfg)
     return None
 
