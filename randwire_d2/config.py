@@ -1,7 +1,8 @@
 """MODEL.RANDWIRE.* config keys and their validation.
 
 Models take explicit arguments; this module is the thin layer that maps a
-detectron2 cfg onto them and names the offending key when a value is wrong.
+detectron2 cfg onto them and names the offending key when a value is wrong
+(and, for yaml files, names a ``_BASE_`` that does not resolve).
 """
 import json
 import os
@@ -246,3 +247,39 @@ def add_classification_config(cfg: CN) -> CN:
     setdefault(cfg.INPUT, "CLS_PAD", 4)
     setdefault(cfg.DATALOADER, "CLS_PREFETCH_FACTOR", 4)
     return cfg
+
+
+def check_config_bases(config_file: str) -> None:
+    """Every ``_BASE_`` of a yaml config (and of its bases) exists; a relative one is resolved
+    against the folder of the file naming it, as detectron2 does, and the error names both."""
+    import yaml
+
+    seen, todo = set(), [config_file]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            with open(path) as f:
+                base = (yaml.safe_load(f) or {}).get("_BASE_")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return  # merge_from_file reports it
+        if not isinstance(base, str):
+            continue
+        resolved = os.path.expanduser(base)
+        if not resolved.startswith(("/", "https://", "http://")):
+            resolved = os.path.join(os.path.dirname(path), resolved)
+        if os.path.isfile(resolved):
+            todo.append(resolved)
+            continue
+        import randwire_d2
+
+        shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(randwire_d2.__file__))), "configs")
+        candidates = [os.path.join(root, os.path.basename(base)) for root, _, files in os.walk(shipped)
+                      if os.path.basename(base) in files]
+        hint = f": set it to {candidates[0]!r}" if candidates else ""
+        raise FileNotFoundError(
+            f"{path!r}: _BASE_ {base!r} resolves to {os.path.normpath(os.path.abspath(resolved))!r}, which does "
+            f"not exist (a relative _BASE_ is relative to the folder of the file that names it){hint}."
+        )

@@ -36,10 +36,9 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import RandWireCheckpointer
-from .config import add_classification_config, add_randwire_config
+from .config import add_classification_config, add_randwire_config, check_config_bases
 from .data.resumable import _TAG_STEP, ResumableTrainLoader, derive_seed, training_seed
 from .data.custom import (
-    dataset_class_names,
     check_dataset_classes,
     check_dataset_files,
     check_detection_datasets,
@@ -49,11 +48,11 @@ from .data.custom import (
 from .data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts
 from .errors import TrainingError, hide_console_tracebacks, one_line
 from .preemption import StopHook
+from .provenance import RESULTS_FILE, WEIGHTS_KEY, evaluated_weights, setup_eval_only, train_class_names
 from .run_settings import check_run_values
 
 logger = logging.getLogger("randwire_d2")
 CLASSIFIER = "RandWireClassifier"
-RESULTS_FILE = "final_metrics.json"
 
 
 def is_classification(cfg) -> bool:
@@ -392,57 +391,6 @@ class Trainer(DefaultTrainer):
         return results
 
 
-WEIGHTS_KEY = "weights"  # final_metrics.json: which weights the metrics are of
-_EVAL_WEIGHTS: Dict = {}  # {"record": describe_weights(...)} in an --eval-only process (setup)
-
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_weights(path: str) -> Dict:
-    """{"path", "sha256"} of a weights file (no checksum for a URL)."""
-    if not path or "://" in path or not os.path.isfile(path):
-        return {"path": path or None, "sha256": None}
-    return {"path": os.path.abspath(path), "sha256": file_sha256(path)}
-
-
-def evaluated_weights(cfg) -> Dict:
-    """The weights an evaluation in this process scores: those of an --eval-only run (its
-    MODEL.WEIGHTS, resolved by :func:`setup`), else the training's: model_final.pth once
-    written, the in-memory weights of the current iteration before."""
-    if _EVAL_WEIGHTS.get("record") is not None:
-        return _EVAL_WEIGHTS["record"]
-    return training_weights(cfg.OUTPUT_DIR)
-
-
-def training_weights(output_dir: str) -> Dict:
-    """The weights a training's evaluation scores: model_final.pth once written (the final
-    evaluation), else the in-memory weights of the current iteration."""
-    final = os.path.join(output_dir, "model_final.pth")
-    last = os.path.join(output_dir, "last_checkpoint")
-    try:
-        with open(last) as f:
-            is_final = f.read().strip() == "model_final.pth"
-    except OSError:
-        is_final = False
-    if is_final and os.path.isfile(final):
-        return describe_weights(final)
-    from detectron2.utils.events import get_event_storage
-
-    try:
-        iteration = get_event_storage().iter
-    except AssertionError:
-        iteration = None
-    return {"path": None, "sha256": None, "iteration": iteration, "note": "weights in memory during training"}
-
-
 def write_results(output_dir: str, results, weights: Optional[Dict] = None) -> str:
     """Print the final metric table and keep it as JSON in OUTPUT_DIR, with the weights
     it is of (``weights``, :func:`describe_weights`) under the key ``"weights"``."""
@@ -503,73 +451,6 @@ def setup_cfg(config_file: str, opts=()):
         if message:
             logger.info(message)
     return cfg
-
-
-def check_config_bases(config_file: str) -> None:
-    """Every ``_BASE_`` of a yaml config (and of its bases) exists; a relative one is resolved
-    against the folder of the file naming it, as detectron2 does, and the error names both."""
-    import yaml
-
-    seen, todo = set(), [config_file]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        try:
-            with open(path) as f:
-                base = (yaml.safe_load(f) or {}).get("_BASE_")
-        except (OSError, yaml.YAMLError, AttributeError):
-            return  # merge_from_file reports it
-        if not isinstance(base, str):
-            continue
-        resolved = os.path.expanduser(base)
-        if not resolved.startswith(("/", "https://", "http://")):
-            resolved = os.path.join(os.path.dirname(path), resolved)
-        if os.path.isfile(resolved):
-            todo.append(resolved)
-            continue
-        import randwire_d2
-
-        shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(randwire_d2.__file__))), "configs")
-        candidates = [os.path.join(root, os.path.basename(base)) for root, _, files in os.walk(shipped)
-                      if os.path.basename(base) in files]
-        hint = f": set it to {candidates[0]!r}" if candidates else ""
-        raise FileNotFoundError(
-            f"{path!r}: _BASE_ {base!r} resolves to {os.path.normpath(os.path.abspath(resolved))!r}, which does "
-            f"not exist (a relative _BASE_ is relative to the folder of the file that names it){hint}."
-        )
-
-
-def dataset_classes(cfg, name: str) -> Optional[List[str]]:
-    """A dataset's class names (detection: thing_classes, classification: classes), or None."""
-    meta = MetadataCatalog.get(name)
-    classes = meta.get("classes", None) if is_classification(cfg) else None
-    if classes is None:
-        try:
-            classes = dataset_class_names(name)
-        except ValueError:
-            classes = None
-    return list(classes) if classes is not None else None
-
-
-def train_class_names(cfg) -> Optional[List[str]]:
-    """The class names the training data defines (recorded in checkpoints)."""
-    return dataset_classes(cfg, cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None
-
-
-def check_checkpoint_classes(cfg, checkpoint_classes, source: str) -> None:
-    """Refuse to evaluate weights on a dataset with other classes than they were trained on."""
-    if not checkpoint_classes:
-        return
-    for name in cfg.DATASETS.TEST:
-        classes = dataset_classes(cfg, name)
-        if classes is not None and classes != list(checkpoint_classes):
-            raise ValueError(
-                f"Checkpoint {source} was trained on the classes {list(checkpoint_classes)[:12]}, but dataset "
-                f"{name!r} (cfg.DATASETS.TEST) has {classes[:12]}: class ids would mean other classes. Evaluate "
-                "weights trained on this dataset's classes."
-            )
 
 
 def model_num_classes(model) -> Optional[int]:
@@ -684,44 +565,9 @@ def setup_logging(cfg) -> None:
     hide_console_tracebacks()
 
 
-TRAINING_FILES = ("last_checkpoint", "model_final.pth", "metrics.json", RESULTS_FILE)
-
-
-def eval_weights_path(cfg, resume: bool) -> str:
-    """The weights --eval-only scores: with --resume, OUTPUT_DIR's last checkpoint (if any)."""
-    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
-    if resume and os.path.isfile(last):
-        with open(last) as f:
-            name = f.read().strip()
-        return os.path.join(cfg.OUTPUT_DIR, name)
-    return cfg.MODEL.WEIGHTS
-
-
-def setup_eval_only(cfg, resume: bool) -> List[str]:
-    """--eval-only: resolve the weights into MODEL.WEIGHTS, and when OUTPUT_DIR holds a
-    training, evaluate into OUTPUT_DIR/eval_<weights>_<sha256[:8]>/: its config.yaml,
-    log and final_metrics.json stay the training's."""
-    weights = eval_weights_path(cfg, resume)
-    if not weights:
-        raise ValueError(
-            "--eval-only with an empty cfg.MODEL.WEIGHTS would evaluate a randomly initialised model: pass "
-            "MODEL.WEIGHTS <checkpoint>, or --resume to evaluate OUTPUT_DIR's last checkpoint."
-        )
-    record = describe_weights(weights)
-    _EVAL_WEIGHTS["record"] = record
-    cfg.MODEL.WEIGHTS = weights
-    out = cfg.OUTPUT_DIR
-    if any(os.path.exists(os.path.join(out, f)) for f in TRAINING_FILES):
-        stem = os.path.splitext(os.path.basename(weights.rstrip("/")))[0] or "weights"
-        cfg.OUTPUT_DIR = os.path.join(out, f"eval_{stem}" + (f"_{record['sha256'][:8]}" if record["sha256"] else ""))
-        return [f"OUTPUT_DIR {out!r} holds a training: the evaluation of {weights!r} goes to {cfg.OUTPUT_DIR!r}."]
-    return []
-
-
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts)
-    _EVAL_WEIGHTS.clear()
-    moved = setup_eval_only(cfg, args.resume) if args.eval_only else []
+    moved = setup_eval_only(cfg, args.resume, args.eval_only)
     check_run_settings(cfg, resume=args.resume)
     if not is_classification(cfg):
         check_detection_datasets(cfg, eval_only=args.eval_only)

@@ -358,7 +358,7 @@ def test_eval_only_refuses_weights_of_other_classes(data, tmp_path, monkeypatch)
 
 
 def test_eval_only_writes_beside_a_training_and_records_the_weights(data, tmp_path):
-    from randwire_d2.engine import file_sha256
+    from randwire_d2.provenance import file_sha256
 
     out = tmp_path / "run"
     train_net.main(default_argument_parser().parse_args(

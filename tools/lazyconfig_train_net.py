@@ -48,12 +48,11 @@ from randwire_d2.engine import (  # noqa: E402
     ExactResumeHook,
     _ddp_for_cpu_models,
     builtin_dataset_hint,
-    describe_weights,
-    training_weights,
     write_results,
 )
 from randwire_d2.launch import launch  # noqa: E402
 from randwire_d2.modeling import RandWireNet  # noqa: E402
+from randwire_d2.provenance import describe_weights, training_weights  # noqa: E402
 from randwire_d2.preemption import RunStopped, StopHook, stop_on_signals  # noqa: E402
 from randwire_d2.slurm import add_slurm_arguments, submit  # noqa: E402
 

@@ -26,7 +26,8 @@ import randwire_d2  # noqa: E402,F401  (registers backbones, meta-arch, datasets
 from detectron2.engine import default_argument_parser  # noqa: E402
 from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
 from randwire_d2.data.custom import check_detection_datasets  # noqa: E402
-from randwire_d2.engine import Trainer, check_checkpoint_classes, is_classification, setup, setup_cfg  # noqa: E402
+from randwire_d2.engine import Trainer, is_classification, setup, setup_cfg  # noqa: E402
+from randwire_d2.provenance import check_checkpoint_classes  # noqa: E402
 from randwire_d2.errors import TrainingError, WorkerError, debug_enabled, log_failure, one_line  # noqa: E402
 from randwire_d2.launch import launch  # noqa: E402
 from randwire_d2.output_dir import OutputDirLock, check_existing_results  # noqa: E402
