@@ -20,12 +20,10 @@ from randwire_d2.checkpoint import RandWireCheckpointer
 from randwire_d2.data.custom import check_dataset_classes, load_voc_detection, register_custom_datasets
 from randwire_d2.data.demo import DEMO_CLASSES, generate_demo_dataset
 from randwire_d2.data.validation import DataError
-from randwire_d2.engine import Trainer, setup, setup_cfg, write_results
+from randwire_d2.engine import Trainer, setup, setup_cfg, train_net, write_results
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import train_net  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("randwire_tools_demo", os.path.join(REPO, "tools", "demo.py"))
 demo_tool = importlib.util.module_from_spec(_spec)  # tools/demo.py (not the generic name "demo")
@@ -358,7 +356,7 @@ def test_eval_only_refuses_weights_of_other_classes(data, tmp_path, monkeypatch)
 
 
 def test_eval_only_writes_beside_a_training_and_records_the_weights(data, tmp_path):
-    from randwire_d2.provenance import file_sha256
+    from randwire_d2.engine.provenance import file_sha256
 
     out = tmp_path / "run"
     train_net.main(default_argument_parser().parse_args(
@@ -476,7 +474,7 @@ def test_model_weights_that_are_not_a_checkpoint_are_named(tmp_path):
      r"cfg.MODEL.RANDWIRE.OUT_FEATURES = \['res3', 'res3', 'res4', 'res5'\] is invalid: a list without duplicates"),
 ])
 def test_model_settings_refused_before_launch_naming_the_key(data, tmp_path, opts, match):
-    from randwire_d2.preflight import check_before_launch
+    from randwire_d2.engine.preflight import check_before_launch
 
     cfg = setup_cfg(CONFIG, _coco_opts(data, tmp_path / "o") + opts)
     args = default_argument_parser().parse_args(["--config-file", CONFIG])
@@ -485,7 +483,7 @@ def test_model_settings_refused_before_launch_naming_the_key(data, tmp_path, opt
 
 
 def test_nodes_above_the_paper_range_warn(data, tmp_path, randwire_logs):
-    from randwire_d2.preflight import check_before_launch
+    from randwire_d2.engine.preflight import check_before_launch
 
     cfg = setup_cfg(CONFIG, _coco_opts(data, tmp_path / "o") + ["MODEL.RANDWIRE.NODES", "80"])
     check_before_launch(cfg, default_argument_parser().parse_args(["--config-file", CONFIG]))
@@ -505,7 +503,7 @@ def test_template_copy_is_runnable_after_pointing_it_at_the_data(data, tmp_path)
     """The fine-tuning template, copied elsewhere: with its _BASE_ made absolute (what the
     error says) and the dataset entries pointed at the data, every pre-launch check passes
     and the class count comes from the training data."""
-    from randwire_d2.preflight import check_before_launch
+    from randwire_d2.engine.preflight import check_before_launch
 
     text = open(CONFIG).read().replace('"../randwire_frcnn.yaml"', repr(os.path.join(REPO, "configs/randwire_frcnn.yaml")))
     text = text.replace('"datasets/my_dataset/annotations/train.json", "datasets/my_dataset/images"',

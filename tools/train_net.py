@@ -16,131 +16,13 @@ Before any process starts, the settings are checked and OUTPUT_DIR is locked for
 run; a failure prints one ``error:`` line (RANDWIRE_DEBUG=1 for the traceback, which
 is also in OUTPUT_DIR/log.txt once the run has started).
 """
-import contextlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import randwire_d2  # noqa: E402,F401  (registers backbones, meta-arch, datasets)
-from detectron2.engine import default_argument_parser  # noqa: E402
-from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
-from randwire_d2.data.custom import check_detection_datasets  # noqa: E402
-from randwire_d2.engine import Trainer, is_classification, setup, setup_cfg  # noqa: E402
-from randwire_d2.provenance import check_checkpoint_classes  # noqa: E402
-from randwire_d2.errors import TrainingError, WorkerError, debug_enabled, log_failure, one_line  # noqa: E402
-from randwire_d2.launch import launch  # noqa: E402
-from randwire_d2.output_dir import OutputDirLock, check_existing_results  # noqa: E402
-from randwire_d2.preemption import RunStopped, stop_on_signals  # noqa: E402
-from randwire_d2.preflight import check_before_launch  # noqa: E402
-from randwire_d2.slurm import add_slurm_arguments, submit  # noqa: E402
-
-
-def argument_parser():
-    parser = add_slurm_arguments(default_argument_parser())
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="start a new run in an OUTPUT_DIR that holds a previous run's checkpoints: deletes them and its "
-        "metrics first (without it, such a run is refused; --resume continues it)",
-    )
-    return parser
-
-
-def main(args):
-    with stop_on_signals():  # SIGTERM/SIGUSR1/SIGINT: checkpoint the iteration, raise RunStopped
-        return _main(args)
-
-
-def _main(args):
-    try:
-        cfg = setup(args)
-        if args.eval_only:  # setup() resolved the weights (--resume: the last checkpoint) into MODEL.WEIGHTS
-            model = Trainer.build_model(cfg)
-            checkpointer = RandWireCheckpointer(model, complete=True)  # every tensor, or refused
-            checkpointer.load(cfg.MODEL.WEIGHTS)
-            check_checkpoint_classes(cfg, checkpointer.loaded_class_names, cfg.MODEL.WEIGHTS)
-            return Trainer.test(cfg, model)
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
-        return trainer.train()
-    except Exception as exc:
-        log_failure(exc)
-        raise
-
-
-def _dist_url(args) -> str:
-    """detectron2's default URL is a fixed port per user: on one machine, pick a free one."""
-    default = default_argument_parser().get_default("dist_url")
-    if args.num_machines == 1 and args.dist_url in ("auto", default):
-        return "auto"
-    return args.dist_url
-
-
-def launch_from_args(args):
-    """Check the settings, lock OUTPUT_DIR, then run ``main`` in ``args.num_gpus`` processes
-    per machine (GPUs, or CPU processes with MODEL.DEVICE cpu) on ``args.num_machines`` machines."""
-    cfg = setup_cfg(args.config_file, args.opts)
-    if getattr(args, "launcher", "local") == "slurm":
-        return submit_to_slurm(args, cfg)
-    check_before_launch(cfg, args)
-    if args.num_gpus * args.num_machines > 1 and not is_classification(cfg):
-        check_detection_datasets(cfg, eval_only=args.eval_only)  # one clear error, not one per worker
-    # machine 0 owns OUTPUT_DIR (only global rank 0 writes checkpoints); evaluation only reads them
-    owns_output = not args.eval_only and args.machine_rank == 0
-    with OutputDirLock(cfg.OUTPUT_DIR) if owns_output else contextlib.nullcontext():
-        if owns_output:
-            check_existing_results(
-                cfg.OUTPUT_DIR, resume=args.resume, overwrite=getattr(args, "overwrite", False),
-                weights=cfg.MODEL.WEIGHTS,
-            )
-        return launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=_dist_url(args),
-            args=(args,),
-            device=cfg.MODEL.DEVICE,
-        )
-
-
-def submit_to_slurm(args, cfg):
-    """--launcher slurm: the checks here, then one job of --nodes x --gpus-per-node tasks
-    (randwire_d2.slurm); returns the submitit job."""
-    from randwire_d2.launch import uses_cuda
-
-    args.num_gpus, args.num_machines, args.machine_rank = args.gpus_per_node, args.nodes, 0
-    check_before_launch(cfg, args)
-    if not is_classification(cfg):
-        check_detection_datasets(cfg, eval_only=args.eval_only)
-    if not args.eval_only:
-        check_existing_results(cfg.OUTPUT_DIR, resume=args.resume, overwrite=getattr(args, "overwrite", False),
-                               weights=cfg.MODEL.WEIGHTS)
-    job = submit(__file__, args, cfg.OUTPUT_DIR, uses_cuda(cfg.MODEL.DEVICE))
-    print(f"submitted SLURM job {job.job_id}: {args.nodes} node(s) x {args.gpus_per_node} process(es); logs in "
-          f"{os.path.join(cfg.OUTPUT_DIR, 'submitit')} and {os.path.join(cfg.OUTPUT_DIR, 'log.txt')}")
-    return job
-
-
-def error_line(exc: BaseException) -> str:
-    where = " (traceback: RANDWIRE_DEBUG=1"
-    if isinstance(exc, (TrainingError, WorkerError)):
-        where += ", or OUTPUT_DIR/log.txt"
-    return f"error: {one_line(exc)}{where})"
-
-
-def run(args) -> None:
-    """launch_from_args for the command line: exits with one line on failure (status 1)
-    or on a stop signal (128 + signal, e.g. 143 for SIGTERM)."""
-    try:
-        launch_from_args(args)
-    except RunStopped as stop:
-        print(stop, file=sys.stderr)
-        sys.exit(stop.exit_code)
-    except Exception as exc:
-        if debug_enabled():
-            raise
-        sys.exit(error_line(exc))
+from randwire_d2.engine.train_net import argument_parser, error_line, launch_from_args, main, run  # noqa: E402,F401
 
 
 if __name__ == "__main__":

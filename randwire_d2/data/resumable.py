@@ -185,8 +185,8 @@ class ResumableTrainLoader:
         if self._num_workers == 0:
             kwargs.pop("prefetch_factor", None)
             kwargs.pop("persistent_workers", None)
-        else:  # workers outlive a SIGTERM/Ctrl-C sent to all processes: see randwire_d2.preemption
-            from ..preemption import loader_worker_init
+        else:  # workers outlive a SIGTERM/Ctrl-C sent to all processes: see .workers
+            from .workers import loader_worker_init
 
             kwargs.setdefault("worker_init_fn", loader_worker_init)
         # its own generator: creating the loader iterator must not draw from the global

@@ -6,8 +6,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-from ..engine import RESULTS_FILE
-from ..provenance import WEIGHTS_KEY
+from ..engine import RESULTS_FILE, WEIGHTS_KEY
 
 __all__ = [
     "PRIMARY_METRICS",

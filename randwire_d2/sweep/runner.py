@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Dict, List, Optional
 
 from ..engine import RESULTS_FILE
-from ..preemption import STOP_EXIT_CODES
+from ..engine.preemption import STOP_EXIT_CODES
 
 __all__ = [
     "LOG_FILE",

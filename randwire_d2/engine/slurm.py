@@ -10,12 +10,11 @@ job id: after a requeue (on any node of the job) the lock is the job's own.
 Preemption and time limits: submitit's sbatch script asks SLURM for SIGUSR2 shortly before
 the time limit; submitit then calls :meth:`DistributedTraining.checkpoint` (a copy of the
 job with ``--resume``) and requeues the job, whose tasks SLURM stops with SIGTERM:
-:mod:`randwire_d2.preemption` finishes the iteration and checkpoints it, and the requeued
+:mod:`randwire_d2.engine.preemption` finishes the iteration and checkpoints it, and the requeued
 job continues from there. Logs: ``OUTPUT_DIR/submitit/`` (submitit's) and OUTPUT_DIR/log.txt.
 """
 import argparse
 import copy
-import importlib.util
 import os
 import sys
 import zlib
@@ -55,17 +54,11 @@ def job_port(job_id: str) -> int:
 
 
 class DistributedTraining:
-    """What every task of the job runs (picklable: the tool is named by its file)."""
+    """What every task of the job runs: ``main_func(args)`` (a tool's ``main``, e.g.
+    :func:`randwire_d2.engine.train_net.main`) in the job's process group."""
 
-    def __init__(self, tool_file: str, args, uses_cuda: bool, output_dir: str):
-        self.tool_file, self.args, self.uses_cuda, self.output_dir = tool_file, args, uses_cuda, output_dir
-
-    def _tool(self):
-        spec = importlib.util.spec_from_file_location("randwire_slurm_tool", self.tool_file)
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(self.tool_file))))
-        spec.loader.exec_module(module)
-        return module
+    def __init__(self, main_func, args, uses_cuda: bool, output_dir: str):
+        self.main_func, self.args, self.uses_cuda, self.output_dir = main_func, args, uses_cuda, output_dir
 
     def __call__(self):
         import submitit
@@ -79,7 +72,8 @@ class DistributedTraining:
         per_node = env.num_tasks // env.num_nodes
         url = f"tcp://{env.hostnames[0]}:{job_port(job_id)}"
         owns_output = env.global_rank == 0 and not self.args.eval_only
-        tool = self._tool()
+        import randwire_d2  # noqa: F401  (registers backbones, meta-architectures, datasets)
+
         lock = OutputDirLock(self.output_dir, job_id=job_id) if owns_output else None
         if lock is not None:
             lock.acquire()
@@ -91,7 +85,7 @@ class DistributedTraining:
 
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
             return run_in_process_group(
-                tool.main, (self.args,), world_size=env.num_tasks, global_rank=env.global_rank,
+                self.main_func, (self.args,), world_size=env.num_tasks, global_rank=env.global_rank,
                 num_per_machine=per_node, machine_rank=env.node, dist_url=url,
                 backend="nccl" if self.uses_cuda else "gloo",
             )
@@ -109,12 +103,13 @@ class DistributedTraining:
         resumed = copy.copy(self.args)
         resumed.resume = True
         resumed.overwrite = False
-        return DelayedSubmission(DistributedTraining(self.tool_file, resumed, self.uses_cuda, self.output_dir))
+        return DelayedSubmission(DistributedTraining(self.main_func, resumed, self.uses_cuda, self.output_dir))
 
 
-def submit(tool_file: str, args, output_dir: str, uses_cuda: bool, name: Optional[str] = None):
-    """Submit the training as one job; returns the submitit job."""
-    from .sweep.runner import make_executor
+def submit(main_func, args, output_dir: str, uses_cuda: bool, name: Optional[str] = None):
+    """Submit ``main_func(args)`` as one job of ``args.nodes x args.gpus_per_node`` tasks;
+    returns the submitit job."""
+    from ..sweep.runner import make_executor
 
     check_slurm_args(args)
     params = {
@@ -129,4 +124,4 @@ def submit(tool_file: str, args, output_dir: str, uses_cuda: bool, name: Optiona
     if args.submitit_cluster != "slurm":
         params = {k: v for k, v in params.items() if k in ("nodes", "tasks_per_node", "timeout_min", "name")}
     executor = make_executor(os.path.join(output_dir, "submitit", "%j"), args.submitit_cluster, params)
-    return executor.submit(DistributedTraining(os.path.abspath(tool_file), args, uses_cuda, output_dir))
+    return executor.submit(DistributedTraining(main_func, args, uses_cuda, output_dir))

@@ -14,10 +14,11 @@ from typing import Dict, List, Optional
 
 from detectron2.data import MetadataCatalog
 
-from .data.custom import dataset_class_names
+from ..config import is_classification
+from ..data.custom import dataset_class_names
+from .results import RESULTS_FILE, WEIGHTS_KEY
 
 __all__ = [
-    "RESULTS_FILE",
     "WEIGHTS_KEY",
     "check_checkpoint_classes",
     "describe_weights",
@@ -28,9 +29,7 @@ __all__ = [
     "training_weights",
 ]
 
-RESULTS_FILE = "final_metrics.json"
 
-WEIGHTS_KEY = "weights"  # final_metrics.json: which weights the metrics are of
 _EVAL_WEIGHTS: Dict = {}  # {"record": describe_weights(...)} in an --eval-only process (setup)
 
 
@@ -121,8 +120,7 @@ def setup_eval_only(cfg, resume: bool, eval_only: bool = True) -> List[str]:
 def dataset_classes(cfg, name: str) -> Optional[List[str]]:
     """A dataset's class names (detection: thing_classes, classification: classes), or None."""
     meta = MetadataCatalog.get(name)
-    classification = cfg.MODEL.META_ARCHITECTURE == "RandWireClassifier"
-    classes = meta.get("classes", None) if classification else None
+    classes = meta.get("classes", None) if is_classification(cfg) else None
     if classes is None:
         try:
             classes = dataset_class_names(name)

@@ -13,7 +13,7 @@
   and a rename, so even SIGKILL cannot leave a truncated one.
 * The launcher of a multi-process run forwards the signals to its workers
   (:func:`forward_stop_signals`) and reports their :class:`RunStopped`.
-* DataLoader workers of the training loader (:func:`loader_worker_init`) ignore these
+* DataLoader workers of the training loader (:func:`randwire_d2.data.workers.loader_worker_init`) ignore these
   signals, which a terminal or SLURM sends to every process: their main process stops
   them after its checkpoint (detectron2's loader would otherwise see a killed worker in
   the middle of the iteration). They still exit when their main process is gone.
@@ -31,20 +31,20 @@ import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..data.workers import STOP_SIGNALS
+
 __all__ = [
     "STOP_EXIT_CODES",
     "STOP_SIGNALS",
     "RunStopped",
     "StopHook",
     "forward_stop_signals",
-    "loader_worker_init",
     "stop_on_signals",
     "stop_requested",
 ]
 
 logger = logging.getLogger("randwire_d2")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STOP_EXIT_CODES = frozenset(128 + s for s in STOP_SIGNALS)  # a tool's exit code after RunStopped
 
 
@@ -183,26 +183,3 @@ def forward_stop_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-
-# --------------------------------------------------------------------------- loader workers
-def _ignore_stop_signals_in_worker():
-    """Block the stop signals in this (DataLoader worker) process; a thread takes them: the
-    main process's own SIGTERM at shutdown (multiprocessing terminating its daemonic
-    children) ends the worker, as torch's handler does; others are ignored."""
-    signals = set(STOP_SIGNALS)
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-
-    def wait():
-        while True:
-            info = signal.sigwaitinfo(signals)
-            if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
-                os._exit(0)
-
-    threading.Thread(target=wait, name="randwire-stop-signals", daemon=True).start()
-
-
-def loader_worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of the training DataLoaders (picklable, no state)."""
-    if hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigwaitinfo"):
-        _ignore_stop_signals_in_worker()
