@@ -119,6 +119,40 @@ def check_graph_specs(model_specs: Mapping[str, GraphSpec], stored: Mapping[str,
         )
 
 
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip archive"), (b"BZh", "a bzip2 archive"), (b"\xfd7zXZ", "an xz archive"),
+    (b"7z\xbc\xaf", "a 7z archive"), (b"%PDF", "a PDF document"), (b"\x89HDF", "an HDF5 file"),
+    (b"\x93NUMPY", "a numpy .npy array"), (b"\x7fELF", "an executable"),
+)
+
+
+def weights_file_problem(path: str) -> str:
+    """'' if ``path`` can be a checkpoint (a PyTorch zip or pickle, a detectron2 .pkl),
+    else what it is instead; reads only its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch >= 1.6), pickle protocol >= 2
+        return ""
+    if not head:
+        return "is an empty file"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return f"is {what}"
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:
+        return "is an unknown binary file"
+    if text.startswith(("{", "[")):
+        return "is a text (JSON?) file"
+    if text.startswith(("_BASE_", "MODEL", "#", "---")):
+        return "is a text (YAML config?) file"
+    return "is a text file"
+
+
 class CheckpointReadError(ValueError):
     """A checkpoint file that cannot be read (truncated, corrupt, missing)."""
 
@@ -136,7 +170,20 @@ CLASS_SPECIFIC = tuple(
 )
 
 
-def check_tensor_shapes(model_state: Mapping, ckpt_state: Mapping, source: str, by_suffix: bool = False) -> None:
+CLASS_NAMES_KEY = "class_names"
+
+
+def _class_count(key: str, shape) -> str:
+    """The class count a class-specific tensor implies ('' where it cannot tell)."""
+    if key.endswith("box_predictor.cls_score.weight") or key.endswith("box_predictor.cls_score.bias"):
+        return str(shape[0] - 1)  # + background
+    if key.endswith("head.fc.weight") or key.endswith("head.fc.bias"):
+        return str(shape[0])
+    return ""
+
+
+def check_tensor_shapes(model_state: Mapping, ckpt_state: Mapping, source: str, by_suffix: bool = False,
+                        other_classes_ok: bool = True, class_names=None) -> None:
     """Refuse a checkpoint whose tensors do not fit the model: the first tensor of another
     shape is named with both shapes; a checkpoint of which no tensor fits any parameter
     is refused too. (detectron2 would skip them with a warning and train from scratch.)
@@ -157,6 +204,17 @@ def check_tensor_shapes(model_state: Mapping, ckpt_state: Mapping, source: str, 
         if shape is None or len(targets) != 1:
             continue
         if shapes[targets[0]] != shape and name.endswith(CLASS_SPECIFIC):
+            if not other_classes_ok:
+                theirs, ours = _class_count(name, shape), _class_count(name, shapes[targets[0]])
+                named = f" {list(class_names)}" if class_names else ""
+                counts = (f"was trained for {theirs} classes{named}, the model predicts {ours}" if theirs and ours
+                          else f"was trained for another number of classes ({key} {list(shape)}, the model's "
+                          f"{list(shapes[targets[0]])})")
+                raise ValueError(
+                    f"Checkpoint {source} {counts} (MODEL.ROI_HEADS.NUM_CLASSES / RETINANET.NUM_CLASSES / "
+                    "RANDWIRE.NUM_CLASSES): evaluation and inference need every tensor of the checkpoint; set "
+                    "the class count it was trained for, or evaluate weights trained on these classes."
+                )
             class_specific.append(f"{key} {list(shape)} -> {list(shapes[targets[0]])}")
             continue
         if shapes[targets[0]] != shape:
@@ -195,11 +253,18 @@ class RandWireCheckpointer(DetectionCheckpointer):
     and tensor shapes on load, accepts classification checkpoints for detection models,
     and resumes from the previous good checkpoint when the latest one is unreadable.
 
-    ``partial_weights`` (cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS): load only the tensors that fit."""
+    ``partial_weights`` (cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS): load only the tensors that fit.
+    ``complete`` (evaluation, inference): every tensor of the model must come from the
+    checkpoint (no re-initialised class-specific layers, no missing ones).
+    ``class_names``: saved in every checkpoint; ``loaded_class_names`` are the loaded one's."""
 
-    def __init__(self, model, save_dir: str = "", *, partial_weights: bool = False, **kwargs):
+    def __init__(self, model, save_dir: str = "", *, partial_weights: bool = False, complete: bool = False,
+                 class_names=None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.partial_weights = bool(partial_weights)
+        self.complete = bool(complete)
+        self.class_names = list(class_names) if class_names else None
+        self.loaded_class_names = None
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -209,6 +274,8 @@ class RandWireCheckpointer(DetectionCheckpointer):
             data[key] = obj.state_dict()
         data.update(kwargs)
         data.setdefault(GRAPHS_KEY, specs_to_dict(graph_specs_of(self.model)))
+        if self.class_names:
+            data.setdefault(CLASS_NAMES_KEY, self.class_names)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
@@ -260,12 +327,22 @@ class RandWireCheckpointer(DetectionCheckpointer):
             self.logger.info("Loading a RandWire classification checkpoint into the backbone.")
             checkpoint["model"] = classification_to_backbone(checkpoint["model"])
             checkpoint["matching_heuristics"] = True
-        if not self.partial_weights:
+        self.loaded_class_names = checkpoint.get(CLASS_NAMES_KEY)
+        if not self.partial_weights or self.complete:
             check_tensor_shapes(
                 self.model.state_dict(), checkpoint["model"], source,
                 by_suffix=bool(checkpoint.get("matching_heuristics", False)),
+                other_classes_ok=not self.complete, class_names=self.loaded_class_names,
             )
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        if self.complete and incompatible is not None and incompatible.missing_keys:
+            missing = incompatible.missing_keys
+            raise ValueError(
+                f"Checkpoint {source} has no tensor for {len(missing)} of the model's parameters/buffers (e.g. "
+                f"{missing[0]!r}): evaluation and inference would use randomly initialised layers. Use weights "
+                "of a trained model of this architecture (e.g. model_final.pth of its training)."
+            )
+        return incompatible
 
     def load(self, path: str, checkpointables=None):
         self._current_file = path

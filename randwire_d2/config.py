@@ -1,7 +1,8 @@
 """MODEL.RANDWIRE.* config keys and their validation.
 
 Models take explicit arguments; this module is the thin layer that maps a
-detectron2 cfg onto them and names the offending key when a value is wrong.
+detectron2 cfg onto them and names the offending key when a value is wrong
+(and, for yaml files, names a ``_BASE_`` that does not resolve).
 """
 import json
 import os
@@ -78,6 +79,13 @@ def add_dataset_config(cfg: CN) -> CN:
     return cfg
 
 
+# the paper's networks have N = 32 nodes per stage; far larger graphs are a typo more
+# often than an experiment (N = 5000: a 1.45 GB checkpoint, minutes per image on a CPU)
+PAPER_MAX_NODES = 64
+MAX_NODES = 512
+GN_GROUPS = 32  # detectron2's get_norm("GN", C) is GroupNorm(32, C)
+
+
 def _check(cond: bool, key: str, value, allowed: str):
     if not cond:
         raise ValueError(f"cfg.MODEL.RANDWIRE.{key} = {value!r} is invalid: {allowed}.")
@@ -122,8 +130,8 @@ def randwire_kwargs(cfg: CN) -> dict:
     _check(rw.REGIME in REGIMES, "REGIME", rw.REGIME, f"allowed are {list(REGIMES)}")
     _check(isinstance(rw.CHANNELS, int) and rw.CHANNELS >= 2, "CHANNELS", rw.CHANNELS, "an integer >= 2")
     min_nodes = 4 if rw.REGIME == "regular" else 2  # regular conv2 has N/2 nodes
-    _check(isinstance(rw.NODES, int) and rw.NODES >= min_nodes, "NODES", rw.NODES,
-           f"an integer >= {min_nodes} for the {rw.REGIME} regime")
+    _check(isinstance(rw.NODES, int) and min_nodes <= rw.NODES <= MAX_NODES, "NODES", rw.NODES,
+           f"an integer in [{min_nodes}, {MAX_NODES}] for the {rw.REGIME} regime (the paper uses 32)")
     _check(isinstance(rw.SEED, int) and rw.SEED >= 0, "SEED", rw.SEED, "a non-negative integer")
     _check(rw.NORM in NORMS, "NORM", rw.NORM, f"allowed are {list(NORMS)}")
     _check(isinstance(rw.DROP_PATH, (int, float)) and 0.0 <= rw.DROP_PATH < 1.0, "DROP_PATH",
@@ -142,6 +150,9 @@ def randwire_kwargs(cfg: CN) -> dict:
     feats = list(rw.OUT_FEATURES)
     _check(bool(feats) and all(f in FEATURES[:-1] for f in feats), "OUT_FEATURES", feats,
            f"a non-empty list from {list(FEATURES[:-1])}")
+    _check(len(set(feats)) == len(feats), "OUT_FEATURES", feats, "a list without duplicates")
+    if rw.NORM == "GN":
+        _check_gn_widths(rw)
     if rw.GRAPHS_FILE:
         graphs = load_graph_specs(rw.GRAPHS_FILE)
     else:
@@ -157,6 +168,49 @@ def randwire_kwargs(cfg: CN) -> dict:
         recompute=rw.RECOMPUTE,
         compile=rw.COMPILE,
     )
+
+
+def _check_gn_widths(rw: CN) -> None:
+    from .modeling.network import STAGES, stage_layout
+
+    layout = stage_layout(rw.REGIME, rw.CHANNELS, 32)
+    widths = {"stem (C/2)": rw.CHANNELS // 2, **{n: layout[n]["channels"] for n in STAGES}}
+    bad = {name: w for name, w in widths.items() if w % GN_GROUPS}
+    if bad:
+        raise ValueError(
+            f"cfg.MODEL.RANDWIRE.NORM = 'GN' ({GN_GROUPS} groups) needs every width divisible by {GN_GROUPS}, but "
+            f"MODEL.RANDWIRE.CHANNELS = {rw.CHANNELS} ({rw.REGIME} regime) gives widths {widths}: use CHANNELS a "
+            f"multiple of {2 * GN_GROUPS}, or NORM BN / SyncBN / naiveSyncBN."
+        )
+
+
+def model_warnings(cfg: CN):
+    """Settings that are allowed but probably not meant (one message each)."""
+    rw = cfg.MODEL.RANDWIRE
+    if isinstance(rw.NODES, int) and rw.NODES > PAPER_MAX_NODES:
+        yield (
+            f"cfg.MODEL.RANDWIRE.NODES = {rw.NODES} is far above the paper's N = 32: every stage gets {rw.NODES} "
+            "nodes (parameters, memory and time grow with it)."
+        )
+
+
+def check_detection_head_widths(cfg: CN) -> None:
+    """GroupNorm widths of the FPN and box head (detectron2 would fail deep in torch)."""
+    fpn_norm = cfg.MODEL.FPN.NORM
+    out = cfg.MODEL.FPN.OUT_CHANNELS
+    if not (isinstance(out, int) and out > 0):
+        raise ValueError(f"cfg.MODEL.FPN.OUT_CHANNELS = {out!r} is invalid: a positive integer.")
+    if fpn_norm == "GN" and out % GN_GROUPS:
+        raise ValueError(
+            f"cfg.MODEL.FPN.OUT_CHANNELS = {out} with MODEL.FPN.NORM 'GN' ({GN_GROUPS} groups): needs a multiple of "
+            f"{GN_GROUPS} (e.g. {max(GN_GROUPS, out // GN_GROUPS * GN_GROUPS)}), or another MODEL.FPN.NORM."
+        )
+    head = cfg.MODEL.ROI_BOX_HEAD
+    if head.NORM == "GN" and head.NUM_CONV > 0 and head.CONV_DIM % GN_GROUPS:
+        raise ValueError(
+            f"cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = {head.CONV_DIM} with MODEL.ROI_BOX_HEAD.NORM 'GN' ({GN_GROUPS} "
+            f"groups): needs a multiple of {GN_GROUPS}, or another MODEL.ROI_BOX_HEAD.NORM."
+        )
 
 
 def add_classification_config(cfg: CN) -> CN:
@@ -198,3 +252,39 @@ def add_classification_config(cfg: CN) -> CN:
     setdefault(cfg.INPUT, "CLS_PAD", 4)
     setdefault(cfg.DATALOADER, "CLS_PREFETCH_FACTOR", 4)
     return cfg
+
+
+def check_config_bases(config_file: str) -> None:
+    """Every ``_BASE_`` of a yaml config (and of its bases) exists; a relative one is resolved
+    against the folder of the file naming it, as detectron2 does, and the error names both."""
+    import yaml
+
+    seen, todo = set(), [config_file]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            with open(path) as f:
+                base = (yaml.safe_load(f) or {}).get("_BASE_")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return  # merge_from_file reports it
+        if not isinstance(base, str):
+            continue
+        resolved = os.path.expanduser(base)
+        if not resolved.startswith(("/", "https://", "http://")):
+            resolved = os.path.join(os.path.dirname(path), resolved)
+        if os.path.isfile(resolved):
+            todo.append(resolved)
+            continue
+        import randwire_d2
+
+        shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(randwire_d2.__file__))), "configs")
+        candidates = [os.path.join(root, os.path.basename(base)) for root, _, files in os.walk(shipped)
+                      if os.path.basename(base) in files]
+        hint = f": set it to {candidates[0]!r}" if candidates else ""
+        raise FileNotFoundError(
+            f"{path!r}: _BASE_ {base!r} resolves to {os.path.normpath(os.path.abspath(resolved))!r}, which does "
+            f"not exist (a relative _BASE_ is relative to the folder of the file that names it){hint}."
+        )

@@ -226,7 +226,8 @@ def test_class_count_mismatch_refused_before_any_inference(data, tmp_path, monke
     with pytest.raises(ValueError, match=r"model predicts 5 classes \(cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3\), but dataset 'mine_val' has 3"):
         Trainer.test(cfg, model)
     # the VOC class list counts too
-    voc_cfg = setup_cfg(CONFIG, TINY + ["DATASETS.VOC", repr(data["voc"]), "MODEL.WEIGHTS", ""])
+    voc_cfg = setup_cfg(CONFIG, TINY + ["DATASETS.VOC", repr(data["voc"]), "MODEL.WEIGHTS", "",
+                                        "MODEL.ROI_HEADS.NUM_CLASSES", "3"])
     with pytest.raises(ValueError, match=r"NUM_CLASSES = 3.*'mine_voc_val' has 5 classes"):
         check_dataset_classes(voc_cfg, ["mine_voc_val"])
 
@@ -316,3 +317,204 @@ def test_demo_labels_with_class_names_and_skips_truncated_jpeg(data, tmp_path, m
     rc = demo_tool.main(["--config-file", CONFIG, "--input", str(images), "--output", str(tmp_path / "vis2"),
                          "--opts", *opts])
     assert rc == 2 and "MODEL.ROI_HEADS.NUM_CLASSES = 5" in caplog.text
+
+
+# --------------------------------------------------------------------------- silent wrongs (issue 19)
+def _eval_args(data, out, weights, *flags, num_classes=3, **extra):
+    opts = _coco_opts(data, out, num_classes=num_classes, weights=weights)
+    for k, v in extra.items():
+        opts += [k, v]
+    return default_argument_parser().parse_args(["--config-file", CONFIG, "--eval-only", *flags, *opts])
+
+
+def _save_with_classes(data, tmp_path, n, class_names):
+    """The n-class "pretrained" detector, re-saved recording ``class_names``."""
+    cfg = setup_cfg(CONFIG, TINY + ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.NUM_CLASSES", str(n)])
+    model = build_model(cfg)
+    RandWireCheckpointer(model).load(data["weights"][n])
+    RandWireCheckpointer(model, save_dir=str(tmp_path), class_names=class_names).save(f"named_{n}")
+    return str(tmp_path / f"named_{n}.pth")
+
+
+def test_eval_only_refuses_weights_of_other_classes(data, tmp_path, monkeypatch):
+    """Evaluation loads every tensor: a 5-class checkpoint on a 3-class model is refused naming
+    both counts (not scored with a random classifier); recorded class names are checked."""
+    import detectron2.engine.defaults as defaults
+
+    monkeypatch.setattr(defaults, "inference_on_dataset", lambda *a, **k: pytest.fail("inference ran"))
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=r"pretrained_5\.pth was trained for 5 classes, the model predicts 3 .*"
+                                         r"evaluation and inference need every tensor"):
+        train_net.main(_eval_args(data, out, data["weights"][5]))
+    named = _save_with_classes(data, tmp_path, 3, ["tree", "bush", "rock"])
+    with pytest.raises(ValueError, match=r"trained on the classes \['tree', 'bush', 'rock'\], but dataset 'mine_val' "
+                                         r"\(cfg.DATASETS.TEST\) has \['circle', 'rectangle', 'triangle'\]"):
+        train_net.main(_eval_args(data, out, named))
+    with pytest.raises(ValueError, match=r"--eval-only with an empty cfg.MODEL.WEIGHTS"):
+        train_net.main(_eval_args(data, out, "", **{"MODEL.WEIGHTS": ""}))
+    assert not os.path.exists(out / "final_metrics.json")
+
+
+def test_eval_only_writes_beside_a_training_and_records_the_weights(data, tmp_path):
+    from randwire_d2.engine.provenance import file_sha256
+
+    out = tmp_path / "run"
+    train_net.main(default_argument_parser().parse_args(
+        ["--config-file", CONFIG, *_coco_opts(data, out, weights=data["weights"][5])]))
+    final = str(out / "model_final.pth")
+    trained = _strict_json(out / "final_metrics.json")
+    assert trained["weights"] == {"path": final, "sha256": file_sha256(final)}
+    assert torch.load(final, weights_only=False)["class_names"] == COCO_CLASSES  # recorded for later checks
+    before = {f: (out / f).read_bytes() for f in ("final_metrics.json", "config.yaml")}
+
+    train_net.main(_eval_args(data, out, data["weights"][3]))
+    sha = file_sha256(data["weights"][3])
+    evaluated = _strict_json(out / f"eval_pretrained_3_{sha[:8]}" / "final_metrics.json")
+    assert evaluated["weights"] == {"path": data["weights"][3], "sha256": sha}
+    assert set(evaluated["bbox"]) == set(trained["bbox"])
+    assert {f: (out / f).read_bytes() for f in before} == before  # the training's files are untouched
+    # --resume: the training's own last checkpoint, beside as well
+    train_net.main(_eval_args(data, out, data["weights"][3], "--resume"))
+    again = _strict_json(out / f"eval_model_final_{file_sha256(final)[:8]}" / "final_metrics.json")
+    assert again["weights"]["path"] == final and again["bbox"] == trained["bbox"]
+
+
+def test_demo_refuses_weights_of_other_classes_and_labels_with_recorded_names(data, tmp_path, monkeypatch,
+                                                                              randwire_logs):
+    images = tmp_path / "in"
+    os.makedirs(images)
+    shutil.copy(os.path.join(data["coco_images"], sorted(os.listdir(data["coco_images"]))[0]), images / "a.jpg")
+    # a 3-class checkpoint in a 5-class (VOC demo classes) config: the same fit check as training
+    opts = TINY + ["DATASETS.VOC", repr(data["voc"]), "DATASETS.TRAIN", "('mine_voc_train',)",
+                   "DATASETS.TEST", "('mine_voc_val',)", "MODEL.ROI_HEADS.NUM_CLASSES", "5",
+                   "MODEL.WEIGHTS", data["weights"][3]]
+    rc = demo_tool.main(["--config-file", CONFIG, "--input", str(images), "--output", str(tmp_path / "v1"),
+                         "--opts", *opts])
+    assert rc == 2 and "was trained for 3 classes, the model predicts 5" in randwire_logs.text
+    assert not os.path.exists(tmp_path / "v1" / "a.png")
+    # a checkpoint that records its classes: boxes carry those names
+    import detectron2.utils.visualizer as vis
+
+    labels = []
+    original = vis._create_text_labels
+    monkeypatch.setattr(vis, "_create_text_labels", lambda *a, **k: labels.extend(original(*a, **k) or []) or
+                        original(*a, **k))
+    named = _save_with_classes(data, tmp_path, 3, ["tree", "bush", "rock"])
+    rc = demo_tool.main(["--config-file", CONFIG, "--input", str(images), "--output", str(tmp_path / "v2"),
+                         "--confidence-threshold", "0.0", "--opts", *_coco_opts(data, tmp_path / "o", weights=named)])
+    assert rc == 0 and labels and all(label.split(" ")[0] in ("tree", "bush", "rock") for label in labels), labels
+    assert "labelled with the checkpoint's" in randwire_logs.text
+
+
+def test_eval_datasets_checked_before_training(data, tmp_path, randwire_logs):
+    """A wrong val image_root is refused before any training, naming the config entry; a val
+    json without annotations is said to give null metrics."""
+    empty = tmp_path / "empty_images"
+    os.makedirs(empty)
+    def args(val_entry):
+        opts = _coco_opts(data, tmp_path / "o") + ["DATASETS.COCO_JSON", repr([data["coco"][0], val_entry]),
+                                                   "DATASETS.TEST", f"('{val_entry[0]}',)"]
+        return default_argument_parser().parse_args(["--config-file", CONFIG, *opts])
+
+    with pytest.raises(DataError, match=r"^cfg.DATASETS.COCO_JSON\[1\]: 6 of the 6 images of dataset "
+                                        r"'mine_val_wrong_root' do not exist, e\.g\. '.*empty_images/val_.*' "
+                                        r"\(wrong image_root\?\)\.$"):
+        setup(args(["mine_val_wrong_root", data["coco"][1][1], str(empty)]))
+    assert not os.path.exists(tmp_path / "o" / "metrics.json")
+    bare = json.load(open(data["coco"][1][1]))
+    bare["annotations"] = []
+    with open(tmp_path / "bare.json", "w") as f:
+        json.dump(bare, f)
+    setup(args(["mine_val_bare", str(tmp_path / "bare.json"), data["coco"][1][2]]))
+    assert "Dataset 'mine_val_bare' (DATASETS.COCO_JSON[1]) has no annotations: every evaluation metric will be " \
+           "null" in randwire_logs.text
+
+
+def test_boxes_outside_their_image_are_counted_and_all_unusable_refused(caplog):
+    from randwire_d2.data.validation import sanitize_detection_dicts
+
+    def record(i, *boxes):
+        return {"file_name": f"{i}.jpg", "image_id": i, "width": 100, "height": 50,
+                "annotations": [{"bbox": list(b), "bbox_mode": 1, "category_id": 0} for b in boxes]}
+
+    inside, outside = (10, 10, 40, 40), (120, 10, 30, 30)  # XYWH_ABS (mode 1)
+    dicts = [record(0, inside, outside), record(1, (10, 60, 20, 20))]  # y0 = 60 > height 50
+    with caplog.at_level("WARNING"):
+        kept, counts = sanitize_detection_dicts(dicts, 1, check_files=False, dataset_names=["d"])
+    assert counts["dropped_boxes"] == 2 and counts["removed_images"] == 1
+    assert [len(d["annotations"]) for d in kept] == [1]
+    assert "entirely outside the 100x50 image" in caplog.text
+    with pytest.raises(DataError, match=r"^No usable box left of dataset d: all 2 boxes are unusable .*outside "
+                                        r"the 100x50 image.*Training would see background only"):
+        sanitize_detection_dicts([record(0, outside), record(1, (10, 60, 20, 20))], 1, check_files=False,
+                                 filter_empty=False, dataset_names=["d"])
+
+
+def test_model_weights_that_are_not_a_checkpoint_are_named(tmp_path):
+    from randwire_d2.engine import check_run_settings
+
+    jpeg = tmp_path / "photo.pth"
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 64)
+    text = tmp_path / "notes.pkl"
+    text.write_text("hello\n")
+    for path, what in ((jpeg, "is a JPEG image"), (text, "is a text file")):
+        cfg = setup_cfg(CONFIG, TINY + ["MODEL.WEIGHTS", str(path)])
+        with pytest.raises(ValueError, match=rf"^cfg.MODEL.WEIGHTS = '{path}' {what}, not a checkpoint"):
+            check_run_settings(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("opts,match", [
+    (["MODEL.RANDWIRE.NODES", "5000"], r"cfg.MODEL.RANDWIRE.NODES = 5000 is invalid: an integer in \[2, 512\]"),
+    (["MODEL.RANDWIRE.NORM", "GN", "MODEL.RANDWIRE.CHANNELS", "48"],
+     r"cfg.MODEL.RANDWIRE.NORM = 'GN' \(32 groups\) needs every width divisible by 32, but "
+     r"MODEL.RANDWIRE.CHANNELS = 48 .*use CHANNELS a multiple of 64"),
+    (["MODEL.FPN.NORM", "GN", "MODEL.FPN.OUT_CHANNELS", "40"],
+     r"cfg.MODEL.FPN.OUT_CHANNELS = 40 with MODEL.FPN.NORM 'GN' \(32 groups\): needs a multiple of 32"),
+    (["MODEL.RANDWIRE.OUT_FEATURES", "['res3', 'res3', 'res4', 'res5']"],
+     r"cfg.MODEL.RANDWIRE.OUT_FEATURES = \['res3', 'res3', 'res4', 'res5'\] is invalid: a list without duplicates"),
+])
+def test_model_settings_refused_before_launch_naming_the_key(data, tmp_path, opts, match):
+    from randwire_d2.engine.preflight import check_before_launch
+
+    cfg = setup_cfg(CONFIG, _coco_opts(data, tmp_path / "o") + opts)
+    args = default_argument_parser().parse_args(["--config-file", CONFIG])
+    with pytest.raises(ValueError, match=match):
+        check_before_launch(cfg, args)
+
+
+def test_nodes_above_the_paper_range_warn(data, tmp_path, randwire_logs):
+    from randwire_d2.engine.preflight import check_before_launch
+
+    cfg = setup_cfg(CONFIG, _coco_opts(data, tmp_path / "o") + ["MODEL.RANDWIRE.NODES", "80"])
+    check_before_launch(cfg, default_argument_parser().parse_args(["--config-file", CONFIG]))
+    assert "cfg.MODEL.RANDWIRE.NODES = 80 is far above the paper's N = 32" in randwire_logs.text
+
+
+def test_copied_template_names_its_base(tmp_path):
+    copy = tmp_path / "my_finetune.yaml"
+    shutil.copy(CONFIG, copy)
+    with pytest.raises(FileNotFoundError, match=rf"^'{copy}': _BASE_ '../randwire_frcnn.yaml' resolves to "
+                                                rf"'{tmp_path.parent}/randwire_frcnn.yaml', which does not exist .*"
+                                                rf"set it to '{REPO}/configs/randwire_frcnn.yaml'\.$"):
+        setup_cfg(str(copy))
+
+
+def test_template_copy_is_runnable_after_pointing_it_at_the_data(data, tmp_path):
+    """The fine-tuning template, copied elsewhere: with its _BASE_ made absolute (what the
+    error says) and the dataset entries pointed at the data, every pre-launch check passes
+    and the class count comes from the training data."""
+    from randwire_d2.engine.preflight import check_before_launch
+
+    text = open(CONFIG).read().replace('"../randwire_frcnn.yaml"', repr(os.path.join(REPO, "configs/randwire_frcnn.yaml")))
+    text = text.replace('"datasets/my_dataset/annotations/train.json", "datasets/my_dataset/images"',
+                        f'"{data["coco"][0][1]}", "{data["coco"][0][2]}"')
+    text = text.replace('"datasets/my_dataset/annotations/val.json", "datasets/my_dataset/images"',
+                        f'"{data["coco"][1][1]}", "{data["coco"][1][2]}"')
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(text)
+    opts = ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o")]  # this machine has no GPU
+    args = default_argument_parser().parse_args(["--config-file", str(copy), *opts])
+    cfg = setup_cfg(str(copy), opts)
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3 and cfg.MODEL.WEIGHTS == ""
+    check_before_launch(cfg, args)
+    setup(args)  # what every training process runs before building the model

@@ -153,6 +153,8 @@ def test_lazy_demo_trains_like_the_yaml_demo(lazy_run, tmp_path):
     assert a["iteration"] == b["iteration"] == MAX_ITER - 1
     with open(tmp_path / "yaml" / RESULTS_FILE) as f1, open(lazy_run / RESULTS_FILE) as f2:
         ra, rb = json.load(f1), json.load(f2)
+    # each records its own final weights
+    assert [r.pop("weights")["path"] for r in (ra, rb)] == [str(p / "model_final.pth") for p in (tmp_path / "yaml", lazy_run)]
     assert ra == rb and set(ra["bbox"]) >= {"AP", "AP50", "AP75"}
 
 
@@ -183,6 +185,36 @@ def test_lazy_resume_is_exact(lazy_run, tmp_path, monkeypatch):
     _run(lazyconfig_train_net, _lazy_demo(run, "--resume"))
     trainer = trainers[0]
     assert trainer.start_iter == 2 and trainer.data_loader.start_iter == 2  # resumed, not restarted
+    a, b = _ckpt(lazy_run / "model_final.pth")["model"], _ckpt(run / "model_final.pth")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_lazy_stop_signal_checkpoints_the_iteration_and_resume_is_exact(lazy_run, tmp_path, monkeypatch):
+    """SIGUSR1 (SLURM's --signal) during iteration 1: the lazy tool finishes it, checkpoints it
+    and raises RunStopped (exit code 138); --resume ends with the uninterrupted run's weights."""
+    import signal
+
+    from randwire_d2.engine import ExactResumeHook
+    from randwire_d2.engine.preemption import RunStopped
+
+    before_step = ExactResumeHook.before_step
+
+    def signal_at_iteration_1(self):
+        if self.trainer.iter == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        before_step(self)
+
+    monkeypatch.setattr(ExactResumeHook, "before_step", signal_at_iteration_1)
+    run = tmp_path / "stopped"
+    with pytest.raises(RunStopped) as stop:
+        _run(lazyconfig_train_net, _lazy_demo(run))
+    assert (stop.value.iteration, stop.value.exit_code) == (1, 128 + signal.SIGUSR1)
+    assert str(stop.value) == f"stopped by SIGUSR1 at iteration 1: checkpoint {run / 'model_0000001.pth'}; " \
+                              "continue with --resume"
+    assert (run / "last_checkpoint").read_text() == "model_0000001.pth" and not (run / "model_final.pth").exists()
+    monkeypatch.setattr(ExactResumeHook, "before_step", before_step)
+    _run(lazyconfig_train_net, _lazy_demo(run, "--resume"))
     a, b = _ckpt(lazy_run / "model_final.pth")["model"], _ckpt(run / "model_final.pth")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k

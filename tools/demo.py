@@ -143,6 +143,43 @@ def class_metadata(cfg):
     return MetadataCatalog.get(name)
 
 
+def build_predictor(cfg):
+    """detectron2's DefaultPredictor with the weights loaded as for training and evaluation
+    (RandWireCheckpointer: graph specs, shapes, every tensor, or a one-line refusal);
+    returns it and the class names the checkpoint records (None if it records none)."""
+    from detectron2.engine import DefaultPredictor
+
+    from randwire_d2.checkpoint import RandWireCheckpointer
+
+    unloaded = cfg.clone()
+    unloaded.defrost()
+    unloaded.MODEL.WEIGHTS = ""  # DefaultPredictor would load them with no checks
+    unloaded.freeze()
+    predictor = DefaultPredictor(unloaded)
+    predictor.cfg = cfg
+    if not cfg.MODEL.WEIGHTS:
+        return predictor, None
+    if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} does not exist")
+    checkpointer = RandWireCheckpointer(predictor.model, complete=True)
+    checkpointer.load(cfg.MODEL.WEIGHTS)
+    return predictor, checkpointer.loaded_class_names
+
+
+def checkpoint_metadata(class_names, dataset_metadata):
+    """Label boxes with the class names the checkpoint was trained on."""
+    from detectron2.data import MetadataCatalog
+
+    given = dataset_metadata.get("thing_classes", None)
+    if given is not None and list(given) != list(class_names):
+        logger.warning("the checkpoint was trained on classes %s, not on dataset %r's %s: boxes are labelled "
+                       "with the checkpoint's", list(class_names), dataset_metadata.name, list(given))
+    name = "__randwire_demo_checkpoint"
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    return MetadataCatalog.get(name).set(thing_classes=list(class_names))
+
+
 def _unique_output_path(out_dir: str, image_path: str, used: set) -> str:
     stem = os.path.splitext(os.path.basename(image_path))[0]
     name, k = stem, 1
@@ -177,7 +214,6 @@ def main(argv=None) -> int:
     register_demo_datasets()  # idempotent; makes sure the demo metadata exists
 
     from detectron2.data.detection_utils import read_image
-    from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
     try:
@@ -188,7 +224,13 @@ def main(argv=None) -> int:
         return 2
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: predictions come from an untrained model")
-    predictor = DefaultPredictor(cfg)
+    try:
+        predictor, checkpoint_classes = build_predictor(cfg)
+    except (ValueError, FileNotFoundError) as e:  # weights that do not fit: the same check as training
+        logger.error("%s", e)
+        return 2
+    if checkpoint_classes:
+        metadata = checkpoint_metadata(checkpoint_classes, metadata)
 
     os.makedirs(args.output, exist_ok=True)
     used = set()

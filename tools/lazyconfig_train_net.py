@@ -25,16 +25,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import randwire_d2  # noqa: E402,F401  (registers datasets and components)
-from detectron2.engine import default_argument_parser  # noqa: E402
-from randwire_d2.engine.lazyconfig_train_net import launch_from_args, main  # noqa: E402,F401
+from randwire_d2.engine.lazyconfig_train_net import argument_parser, launch_from_args, main, run  # noqa: E402,F401
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    try:
-        launch_from_args(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # ours name the key, file or value
-        if os.environ.get("RANDWIRE_DEBUG") or (isinstance(exc, KeyError) and "Non-existent" not in str(exc)):
-            raise
-        sys.exit(f"error: {exc}\n(set RANDWIRE_DEBUG=1 for the traceback)")
+    run(args)

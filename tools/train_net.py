@@ -22,16 +22,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import randwire_d2  # noqa: E402,F401  (registers backbones, meta-arch, datasets)
-from randwire_d2.engine import debug_enabled  # noqa: E402
-from randwire_d2.engine.train_net import argument_parser, error_line, launch_from_args, main  # noqa: E402,F401
+from randwire_d2.engine.train_net import argument_parser, error_line, launch_from_args, main, run  # noqa: E402,F401
 
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    try:
-        launch_from_args(args)
-    except Exception as exc:
-        if debug_enabled():
-            raise
-        sys.exit(error_line(exc))
+    run(args)

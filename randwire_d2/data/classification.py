@@ -369,8 +369,13 @@ class ClassificationDatasetMapper:
         self.crop_ratio = tuple(float(r) for r in crop_ratio)
         self.pad = int(pad)
         self.flip = flip
-        # Seeded per image by the resumable loader (it seeds `random`).
-        self._rng = random
+
+    @property
+    def _rng(self):
+        # python's global RNG, seeded per image by the resumable loader; a property, not an
+        # attribute: a module does not pickle, and spawned loader workers (the default in
+        # the processes of a multi-GPU / multi-process run) receive the mapper pickled
+        return random
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):

@@ -39,6 +39,7 @@ __all__ = [
     "dataset_class_names",
     "load_voc_detection",
     "register_custom_datasets",
+    "resolve_num_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,30 @@ def _num_classes_key(cfg) -> Optional[str]:
     return "MODEL.ROI_HEADS.NUM_CLASSES"
 
 
+def resolve_num_classes(cfg) -> Optional[str]:
+    """``NUM_CLASSES 0`` (the fine-tuning template's default) means the class count of the
+    training dataset (DATASETS.TRAIN[0], else TEST[0]): set it in ``cfg``; returns a message."""
+    key = _num_classes_key(cfg)
+    if key is None:
+        return None
+    section, leaf = key.rsplit(".", 1)
+    node = cfg
+    for part in section.split("."):
+        node = node[part]
+    if node[leaf] != 0:
+        return None
+    which, names = ("DATASETS.TRAIN", cfg.DATASETS.TRAIN) if cfg.DATASETS.TRAIN else ("DATASETS.TEST", cfg.DATASETS.TEST)
+    try:  # a dataset that cannot tell: 0 stays, and the dataset checks say what is wrong
+        check_dataset_files(names[:1], which)
+        classes = dataset_class_names(names[0]) if names else None
+    except (ValueError, FileNotFoundError):
+        return None
+    if not classes:
+        return None
+    node[leaf] = len(classes)
+    return f"cfg.{key} = 0 is replaced by {len(classes)}: the classes of dataset {names[0]!r} ({which})"
+
+
 def check_dataset_classes(cfg, names: Sequence[str], num_classes: Optional[int] = None) -> None:
     """Refuse datasets whose class count differs from the model's (``num_classes``, else the
     config's), before any training or inference runs on them."""
@@ -279,11 +304,39 @@ def check_dataset_files(names: Sequence[str], key: str = "DATASETS") -> None:
         )
 
 
+def check_test_images(names: Sequence[str], key: str = "DATASETS.TEST") -> None:
+    """Evaluation datasets: their records load and every image file exists (else the final
+    evaluation, after the whole training, would be the first to find out); a dataset
+    without any annotation is evaluated to null metrics, which is said now."""
+    for name in names:
+        if MetadataCatalog.get(name).get("generated_on_demand", False):
+            continue
+        source = MetadataCatalog.get(name).get("config_key", None) or key
+        try:
+            dicts = DatasetCatalog.get(name)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"cfg.{source}: cannot load dataset {name!r}: {type(exc).__name__}: {exc}") from None
+        missing = [d.get("file_name") for d in dicts if not os.path.isfile(str(d.get("file_name")))]
+        if missing:
+            raise DataError(
+                f"cfg.{source}: {len(missing)} of the {len(dicts)} images of dataset {name!r} do not exist, e.g. "
+                f"{missing[0]!r} (wrong image_root?)."
+            )
+        if dicts and all("annotations" in d for d in dicts) and not any(d["annotations"] for d in dicts):
+            logger.warning(
+                f"Dataset {name!r} ({source}) has no annotations: every evaluation metric will be null."
+            )
+
+
 def check_detection_datasets(cfg, eval_only: bool = False) -> None:
-    """Pre-flight of a detection run: the datasets it will use exist and match NUM_CLASSES."""
+    """Pre-flight of a detection run: the datasets it will use exist (the evaluation's down to
+    each image) and match NUM_CLASSES."""
     groups = [("DATASETS.TEST", cfg.DATASETS.TEST)]
     if not eval_only:
         groups.insert(0, ("DATASETS.TRAIN", cfg.DATASETS.TRAIN))
     for key, names in groups:
         check_dataset_files(names, key)
         check_dataset_classes(cfg, names)
+    check_test_images(cfg.DATASETS.TEST)

@@ -185,6 +185,10 @@ class ResumableTrainLoader:
         if self._num_workers == 0:
             kwargs.pop("prefetch_factor", None)
             kwargs.pop("persistent_workers", None)
+        else:  # workers outlive a SIGTERM/Ctrl-C sent to all processes: see .workers
+            from .workers import loader_worker_init
+
+            kwargs.setdefault("worker_init_fn", loader_worker_init)
         # its own generator: creating the loader iterator must not draw from the global
         # torch RNG, whose state at a given iteration would then depend on where the run started
         generator = torch.Generator().manual_seed(derive_seed(self.seed, _TAG_LOADER, self.start_iter, comm.get_rank()))

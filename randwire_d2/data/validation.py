@@ -12,6 +12,9 @@
                                           silently, in ``filter_empty_instances``)
   negative width/height (x1 < x0)         dropped, counted (detectron2's transforms
                                           would silently flip it into another box)
+  box entirely outside its image          dropped, counted (detectron2 clips it to
+                                          nothing and drops it silently)
+  no usable box left in the dataset       ``DataError`` (it would train on background)
   non-finite or malformed box             dropped, counted
   image left without annotations          removed, counted (``FILTER_EMPTY_ANNOTATIONS``)
   category id outside [0, NUM_CLASSES)    ``DataError`` naming the file and the id
@@ -57,8 +60,8 @@ class SafeDatasetMapper(DatasetMapper):
             ) from exc
 
 
-def _box_problem(ann: Dict) -> str:
-    """'' if the annotation's box is usable, else why not."""
+def _box_problem(ann: Dict, width=None, height=None) -> str:
+    """'' if the annotation's box is usable, else why not (``width``/``height``: the image's)."""
     bbox = ann.get("bbox")
     try:
         values = [float(v) for v in bbox]
@@ -77,6 +80,9 @@ def _box_problem(ann: Dict) -> str:
         return f"negative width/height bbox {bbox!r}"
     if x1 - x0 <= 1e-5 or y1 - y0 <= 1e-5:  # detectron2's nonempty() threshold
         return f"degenerate (empty) bbox {bbox!r}"
+    if width and height and (x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height):
+        # detectron2 clips it to an empty box and drops it: the object is not trained on
+        return f"bbox {bbox!r} entirely outside the {width}x{height} image"
     return ""
 
 
@@ -93,7 +99,8 @@ def sanitize_detection_dicts(
     Dicts whose annotations change are copied; the input list is not modified.
     """
     where = f" of dataset {', '.join(dataset_names)}" if dataset_names else ""
-    counts = {"images": len(dicts), "dropped_boxes": 0, "images_with_dropped_boxes": 0, "removed_images": 0}
+    counts = {"images": len(dicts), "boxes": 0, "dropped_boxes": 0, "images_with_dropped_boxes": 0,
+              "removed_images": 0}
     missing = []
     examples = []
     out = []
@@ -115,13 +122,14 @@ def sanitize_detection_dicts(
                     f"[0, {num_classes}) (MODEL.ROI_HEADS.NUM_CLASSES / RETINANET.NUM_CLASSES = {num_classes}); "
                     "fix the annotation file or the number of classes."
                 )
-            problem = _box_problem(ann)
+            problem = _box_problem(ann, record.get("width"), record.get("height"))
             if problem:
                 counts["dropped_boxes"] += 1
                 if len(examples) < 3:
                     examples.append(f"{describe_image(record)}: {problem}")
                 continue
             kept.append(ann)
+        counts["boxes"] += len(anns)
         if len(kept) != len(anns):
             counts["images_with_dropped_boxes"] += 1
             record = copy.copy(record)
@@ -134,9 +142,17 @@ def sanitize_detection_dicts(
         raise DataError(
             f"{len(missing)} image file(s){where} do not exist, e.g. {', '.join(missing[:5])}."
         )
+    if counts["boxes"] and counts["dropped_boxes"] == counts["boxes"]:
+        raise DataError(
+            f"No usable box left{where}: all {counts['boxes']} boxes are unusable (degenerate, negative, "
+            f"non-finite or outside their image), e.g. " + "; ".join(examples) + ". Training would see "
+            "background only: check the annotations' bbox format (COCO: [x, y, width, height] in pixels) and "
+            "the images' width/height."
+        )
     if counts["dropped_boxes"]:
         logger.warning(
-            f"Dropped {counts['dropped_boxes']} unusable boxes (degenerate, negative or non-finite) in "
+            f"Dropped {counts['dropped_boxes']} unusable boxes (degenerate, negative, non-finite or outside "
+            "the image) in "
             f"{counts['images_with_dropped_boxes']} images{where}; e.g. " + "; ".join(examples)
         )
     if counts["removed_images"]:

@@ -7,11 +7,14 @@ checkpoint, data, evaluation) never imports this package.
     run_settings   checks of the run's settings (values, device, weights, norms)
     preflight      check_before_launch: everything the launching process checks
     output_dir     OutputDirLock, check_existing_results (no silent overwrite)
-    launch         launch: N processes per machine, GPUs or CPU (gloo)
+    launch         launch: N processes per machine, GPUs or CPU (gloo); run_in_process_group
+    preemption     SIGTERM / SIGUSR1 / SIGINT: checkpoint the finished iteration, RunStopped
+    slurm          --launcher slurm: one submitit job of --nodes x --gpus-per-node tasks
     trainer        Trainer (yaml configs) and its build_* methods
     hooks          ExactResumeHook
     datasets       detection training dicts, builtin-dataset hints
     results        write_results: OUTPUT_DIR/final_metrics.json
+    provenance     which weights a result is of; --eval-only beside a training; class names
     errors         TrainingError, WorkerError, one-line messages
     train_net, lazyconfig_train_net (+ lazy_config): what tools/train_net.py and
                    tools/lazyconfig_train_net.py run
@@ -21,10 +24,11 @@ from .datasets import builtin_dataset_hint, detection_train_dicts, load_detectio
 from .defaults import DERIVED, derive_settings, setup, setup_cfg, setup_logging
 from .errors import TrainingError, WorkerError, debug_enabled, hide_console_tracebacks, log_failure, one_line
 from .hooks import ExactResumeHook
-from .launch import launch, shutdown_process_group, uses_cuda
+from .launch import launch, run_in_process_group, shutdown_process_group, uses_cuda
 from .output_dir import OutputDirLock, RunLockError, check_existing_results
+from .preemption import RunStopped, StopHook, stop_on_signals
 from .preflight import check_before_launch, check_output_dir_writable
-from .results import RESULTS_FILE, write_results
+from .results import RESULTS_FILE, WEIGHTS_KEY, write_results
 from .run_settings import amp_needs_cuda, check_run_settings, check_run_values
 from .trainer import Trainer, ddp_for_cpu_models, fast_coco_eval_available, model_num_classes
 
@@ -35,7 +39,10 @@ __all__ = [
     "OutputDirLock",
     "RESULTS_FILE",
     "RunLockError",
+    "RunStopped",
+    "StopHook",
     "Trainer",
+    "WEIGHTS_KEY",
     "TrainingError",
     "WorkerError",
     "amp_needs_cuda",
@@ -57,10 +64,12 @@ __all__ = [
     "log_failure",
     "model_num_classes",
     "one_line",
+    "run_in_process_group",
     "setup",
     "setup_cfg",
     "setup_logging",
     "shutdown_process_group",
+    "stop_on_signals",
     "uses_cuda",
     "write_results",
 ]

@@ -9,9 +9,10 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 
-from ..config import add_classification_config, add_randwire_config, is_classification
-from ..data.custom import check_detection_datasets, register_custom_datasets
+from ..config import add_classification_config, add_randwire_config, check_config_bases, is_classification
+from ..data.custom import check_detection_datasets, register_custom_datasets, resolve_num_classes
 from .errors import hide_console_tracebacks
+from .provenance import setup_eval_only
 from .run_settings import amp_needs_cuda, check_run_settings
 
 __all__ = ["DERIVED", "derive_settings", "setup", "setup_cfg", "setup_logging"]
@@ -29,6 +30,7 @@ def setup_cfg(config_file: str, opts=()):
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--config-file {config_file!r} does not exist.")
+        check_config_bases(config_file)
         cfg.merge_from_file(config_file)
     opts = list(opts)
     if len(opts) % 2:
@@ -40,6 +42,10 @@ def setup_cfg(config_file: str, opts=()):
             raise KeyError(f"Non-existent config key: {str(exc)[len('Non-existent key: '):]} (command line)") from None
         raise
     register_custom_datasets(cfg)  # DATASETS.COCO_JSON / VOC: here, so in every process
+    if not is_classification(cfg):
+        message = resolve_num_classes(cfg)  # NUM_CLASSES 0: the training data's count
+        if message:
+            logger.info(message)
     return cfg
 
 
@@ -93,10 +99,11 @@ def setup_logging(cfg) -> None:
 
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts)
+    moved = setup_eval_only(cfg, args.resume, args.eval_only)
     check_run_settings(cfg, resume=args.resume)
     if not is_classification(cfg):
         check_detection_datasets(cfg, eval_only=args.eval_only)
-    changes = derive_settings(cfg)
+    changes = moved + derive_settings(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logging(cfg)

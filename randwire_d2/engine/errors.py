@@ -10,6 +10,7 @@ log file (and to the console with ``RANDWIRE_DEBUG=1``).
 """
 import logging
 import os
+import re
 
 __all__ = ["TrainingError", "WorkerError", "debug_enabled", "hide_console_tracebacks", "log_failure", "one_line"]
 
@@ -33,8 +34,28 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+_WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.\s*\nOriginal Traceback")
+
+
+def _worker_inner_cause(text: str):
+    """torch re-raises a DataLoader worker's exception with the worker's whole traceback as
+    its message: the inner cause is its last line, ``module.Type: message``."""
+    match = _WORKER_ERROR.match(text)
+    if not match:
+        return None
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    type_name, _, message = last.partition(": ")
+    return type_name.rsplit(".", 1)[-1], message or type_name
+
+
 def one_line(exc: BaseException) -> str:
-    """The exception's message as one line; foreign exceptions are prefixed by their type."""
+    """The exception's message as one line; foreign exceptions are prefixed by their type.
+    An exception from a DataLoader worker becomes the worker's own one-line cause."""
+    inner = _worker_inner_cause(str(exc))
+    if inner is not None:
+        type_name, message = inner
+        ours = type_name in ("DataError", "TrainingError", "WorkerError", "ValueError", "FileNotFoundError")
+        return message if ours else f"{type_name}: {message}"
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     if isinstance(exc, KeyError) and text.startswith(("'", '"')) and text.endswith(("'", '"')):
         text = text[1:-1]  # KeyError quotes its message

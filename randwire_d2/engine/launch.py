@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from .errors import WorkerError, one_line
+from .preemption import RunStopped, forward_stop_signals
 
 __all__ = ["DEFAULT_TIMEOUT", "check_port_free", "die_with_parent", "launch", "uses_cuda"]
 
@@ -130,32 +131,64 @@ def launch(
     spawn_level = spawn_logger.level
     spawn_logger.setLevel(logging.ERROR)
     try:
-        if uses_cuda(device):
-            from detectron2.engine import launch as d2_launch
-
-            return d2_launch(
-                worker,
-                num_processes_per_machine,
-                num_machines=num_machines,
-                machine_rank=machine_rank,
-                dist_url=dist_url,
-                args=args,
-                timeout=timeout,
-            )
-        if num_machines > 1 and dist_url.startswith("file://"):
-            logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
-        mp.start_processes(
-            _cpu_worker,
-            nprocs=num_processes_per_machine,
-            args=(worker, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
-            daemon=False,
-            start_method="spawn",
-        )
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        raise WorkerError(_worker_cause(error_dir, exc, machine_rank * num_processes_per_machine)) from exc
+        with forward_stop_signals() as received:
+            try:
+                result = _start(worker, num_processes_per_machine, num_machines, machine_rank, dist_url, args,
+                                timeout, device, world_size)
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+                stopped = _stop_report(error_dir)
+                if stopped is not None or received:  # workers killed by a signal, not failed
+                    raise stopped or RunStopped(received[0]) from None
+                raise WorkerError(_worker_cause(error_dir, exc, machine_rank * num_processes_per_machine)) from exc
+        stopped = _stop_report(error_dir)
+        if stopped is not None:
+            raise stopped
+        return result
     finally:
         spawn_logger.setLevel(spawn_level)
         shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _start(worker, num_processes_per_machine, num_machines, machine_rank, dist_url, args, timeout, device,
+           world_size):
+    if uses_cuda(device):
+        from detectron2.engine import launch as d2_launch
+
+        return d2_launch(
+            worker,
+            num_processes_per_machine,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+            args=args,
+            timeout=timeout,
+        )
+    if num_machines > 1 and dist_url.startswith("file://"):
+        logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
+    mp.start_processes(
+        _cpu_worker,
+        nprocs=num_processes_per_machine,
+        args=(worker, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+        start_method="spawn",
+    )
+    return None
+
+
+def _stop_report(error_dir: str):
+    """The :class:`RunStopped` of the lowest rank that reported one (rank 0 wrote the checkpoint)."""
+    reports = []
+    for name in os.listdir(error_dir):
+        if name.startswith("stop."):
+            try:
+                with open(os.path.join(error_dir, name)) as f:
+                    reports.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    if not reports:
+        return None
+    first = min(reports, key=lambda r: (r["iteration"] is None, r["rank"] if r["rank"] is not None else 1 << 30))
+    return RunStopped(first["signum"], first["iteration"], first["checkpoint"])
 
 
 # --------------------------------------------------------------------------- worker lifecycle
@@ -202,12 +235,21 @@ class _Worker:
         self.guard()
         try:
             return self.main_func(*args)
+        except RunStopped as stop:  # not a failure: tell the launcher, exit normally
+            report = {"rank": _rank(), "signum": stop.signum, "iteration": stop.iteration,
+                      "checkpoint": stop.checkpoint}
+            with open(os.path.join(self.error_dir, f"stop.{os.getpid()}.json"), "w") as f:
+                json.dump(report, f)
+            return None
         except Exception as exc:
-            rank = comm.get_rank() if dist.is_available() and dist.is_initialized() else None
             path = os.path.join(self.error_dir, f"error.{os.getpid()}.json")
             with open(path, "w") as f:
-                json.dump({"rank": rank, "message": one_line(exc), "time": time.time()}, f)
+                json.dump({"rank": _rank(), "message": one_line(exc), "time": time.time()}, f)
             raise
+
+
+def _rank():
+    return comm.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
 def _worker_cause(error_dir: str, exc: Exception, first_global_rank: int) -> str:
@@ -215,6 +257,8 @@ def _worker_cause(error_dir: str, exc: Exception, first_global_rank: int) -> str
     its peers are consequences), else torch's description of the failure."""
     reports = []
     for name in os.listdir(error_dir):
+        if not name.startswith("error."):
+            continue
         try:
             with open(os.path.join(error_dir, name)) as f:
                 reports.append(json.load(f))
@@ -248,13 +292,26 @@ def _set_local_process_group(num_per_machine: int, machine_rank: int) -> None:
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
     if isinstance(main_func, _Worker):
         main_func.guard()  # before the rendezvous, which can wait for minutes
-    global_rank = machine_rank * num_per_machine + local_rank
     if "OMP_NUM_THREADS" not in os.environ:
         # N processes on one machine: share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
+    run_in_process_group(
+        main_func, args, world_size=world_size, global_rank=machine_rank * num_per_machine + local_rank,
+        num_per_machine=num_per_machine, machine_rank=machine_rank, dist_url=dist_url, timeout=timeout,
+        backend="gloo",
+    )
+
+
+def run_in_process_group(main_func, args, *, world_size, global_rank, num_per_machine, machine_rank, dist_url,
+                         timeout=DEFAULT_TIMEOUT, backend="gloo"):
+    """In one process of a distributed run (started by us, or by SLURM): join the process
+    group (and detectron2's per-machine group), run ``main_func(*args)``, leave the group.
+    ``backend`` "nccl": this process drives GPU ``global_rank % num_per_machine``."""
+    if backend == "nccl":
+        torch.cuda.set_device(global_rank % num_per_machine)
     try:
         dist.init_process_group(
-            backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+            backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
         )
     except Exception:
         logger.error(f"Process group URL: {dist_url} (rank {global_rank} of {world_size})")
@@ -263,8 +320,9 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     comm.synchronize()
     # on failure, no teardown barrier: peers may wait for this rank inside a collective
     # (detectron2 raises on a non-finite loss in rank 0 only); the launcher ends them
-    main_func(*args)
+    result = main_func(*args)
     shutdown_process_group()
+    return result
 
 
 def shutdown_process_group() -> None:

@@ -3,6 +3,7 @@ lazyconfig training loop with RandWire checkpoints, exact resume (``ExactResumeH
 with a ``ResumableTrainLoader``), CPU DDP, and the final metrics written to
 ``train.output_dir/final_metrics.json``."""
 import logging
+import os
 
 from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
@@ -14,17 +15,27 @@ from ..checkpoint import RandWireCheckpointer
 from ..data.resumable import ResumableTrainLoader
 from .datasets import builtin_dataset_hint
 from .hooks import ExactResumeHook
-from .launch import launch
+from .launch import launch, uses_cuda
 from .lazy_config import check_override_keys, check_train_settings, load_config  # noqa: F401  (re-exported)
+from .preemption import RunStopped, StopHook, stop_on_signals
+from .provenance import describe_weights, training_weights
 from .results import write_results
+from .slurm import add_slurm_arguments, submit
 from .trainer import ddp_for_cpu_models
 
-__all__ = ["do_test", "do_train", "launch_from_args", "main"]
+__all__ = ["argument_parser", "do_test", "do_train", "launch_from_args", "main", "run"]
 
 logger = logging.getLogger("randwire_d2")
 
 
-def do_test(cfg, model):
+def argument_parser():
+    from detectron2.engine import default_argument_parser
+
+    return add_slurm_arguments(default_argument_parser())
+
+
+def do_test(cfg, model, weights=None):
+    """``weights``: describe_weights() of what is evaluated (default: the training's)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     try:
@@ -37,7 +48,7 @@ def do_test(cfg, model):
     results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process() and results:
         print_csv_format(results)
-        write_results(cfg.train.output_dir, results)
+        write_results(cfg.train.output_dir, results, weights=weights or training_weights(cfg.train.output_dir))
     return results
 
 
@@ -72,6 +83,7 @@ def do_train(args, cfg):
             )
             if comm.is_main_process()
             else None,
+            StopHook(checkpointer),  # last: SIGTERM/SIGUSR1/SIGINT checkpoint the finished iteration
         ]
     )
 
@@ -87,6 +99,11 @@ def do_train(args, cfg):
 
 
 def main(args):
+    with stop_on_signals():  # SIGTERM/SIGUSR1/SIGINT: checkpoint the iteration, raise RunStopped
+        return _main(args)
+
+
+def _main(args):
     cfg = load_config(args.config_file, args.opts)
     check_train_settings(cfg, resume=args.resume)
     default_setup(cfg, args)  # also seeds the RNGs from train.seed (random if < 0)
@@ -97,10 +114,11 @@ def main(args):
         model.to(cfg.train.device)
         with ddp_for_cpu_models():
             model = create_ddp_model(model)
-        RandWireCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume
-        )
-        return do_test(cfg, model)
+        # evaluation loads every tensor of the checkpoint, or refuses
+        checkpointer = RandWireCheckpointer(model, save_dir=cfg.train.output_dir, complete=True)
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        loaded = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else None
+        return do_test(cfg, model, weights=describe_weights(loaded or cfg.train.init_checkpoint))
     do_train(args, cfg)
     return None
 
@@ -108,7 +126,13 @@ def main(args):
 def launch_from_args(args):
     # read the config once here: a bad file or override fails before any process starts,
     # and train.device picks the backend (NCCL on GPUs, gloo on CPU)
-    device = load_config(args.config_file, args.opts).train.device
+    cfg = load_config(args.config_file, args.opts)
+    device = cfg.train.device
+    if getattr(args, "launcher", "local") == "slurm":  # one job of --nodes x --gpus-per-node tasks
+        check_train_settings(cfg, resume=args.resume)
+        job = submit(main, args, cfg.train.output_dir, uses_cuda(device))
+        print(f"submitted SLURM job {job.job_id}: logs in {os.path.join(cfg.train.output_dir, 'submitit')}")
+        return job
     return launch(
         main,
         args.num_gpus,
@@ -118,3 +142,19 @@ def launch_from_args(args):
         args=(args,),
         device=device,
     )
+
+
+def run(args) -> None:
+    """launch_from_args for the command line: one ``error:`` line on a failure, one line
+    and exit status 128 + signal on a stop signal."""
+    import sys
+
+    try:
+        launch_from_args(args)
+    except RunStopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # ours name the key, file or value
+        if os.environ.get("RANDWIRE_DEBUG") or (isinstance(exc, KeyError) and "Non-existent" not in str(exc)):
+            raise
+        sys.exit(f"error: {exc}\n(set RANDWIRE_DEBUG=1 for the traceback)")

@@ -49,13 +49,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _owner_record() -> Dict:
+def _owner_record(job_id: Optional[str] = None) -> Dict:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "start_time": _start_time(pid), "since": time.time()}
+    record = {"pid": pid, "host": socket.gethostname(), "start_time": _start_time(pid), "since": time.time()}
+    if job_id:
+        record["job_id"] = str(job_id)
+    return record
 
 
-def lock_owner_status(owner: Dict) -> str:
-    """'live', 'stale' (same host, owner gone or pid reused) or 'unknown' (other host)."""
+def lock_owner_status(owner: Dict, job_id: Optional[str] = None) -> str:
+    """'live', 'stale' (same host, owner gone or pid reused), 'requeued' (an earlier run of
+    this cluster job ``job_id``: SLURM requeues a job, on any of its nodes, only once it
+    ended) or 'unknown' (other host)."""
+    if job_id and owner.get("job_id") == str(job_id) and owner.get("pid") != os.getpid():
+        return "requeued"
     if owner.get("host") != socket.gethostname():
         return "unknown"
     pid = owner.get("pid")
@@ -70,14 +77,18 @@ def lock_owner_status(owner: Dict) -> str:
 def _describe(owner: Dict) -> str:
     since = owner.get("since")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
-    return f"pid {owner.get('pid')} on host {owner.get('host')}, since {when}"
+    job = f", SLURM job {owner['job_id']}" if owner.get("job_id") else ""
+    return f"pid {owner.get('pid')} on host {owner.get('host')}{job}, since {when}"
 
 
 class OutputDirLock:
     """Exclusive claim on an OUTPUT_DIR for one run (a context manager)."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, job_id: Optional[str] = None):
+        """``job_id``: the SLURM job this run belongs to (recorded; a lock of the same job
+        is an earlier, requeued run of it, not another run)."""
         self.output_dir = output_dir
+        self.job_id = job_id
         self.path = os.path.join(output_dir, LOCK_NAME)
         self._held = False
 
@@ -93,7 +104,7 @@ class OutputDirLock:
 
     def acquire(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
-        record = _owner_record()
+        record = _owner_record(self.job_id)
         tmp = f"{self.path}.{record['pid']}.tmp"
         with open(tmp, "w") as f:
             json.dump(record, f)
@@ -108,7 +119,7 @@ class OutputDirLock:
                 owner = self.read_owner()
                 if owner is None:
                     continue  # released meanwhile
-                status = lock_owner_status(owner)
+                status = lock_owner_status(owner, self.job_id)
                 if status == "live":
                     raise RunLockError(
                         f"OUTPUT_DIR {self.output_dir!r} is in use by another run ({_describe(owner)}): wait for "
@@ -142,6 +153,11 @@ class OutputDirLock:
                 os.link(aside, self.path)  # not the stale lock we examined: put it back
             except FileExistsError:
                 pass
+        elif self.job_id and owner.get("job_id") == str(self.job_id):
+            logger.warning(
+                f"OUTPUT_DIR {self.output_dir!r}: taking over the lock of an earlier run of SLURM job {self.job_id} "
+                f"({_describe(owner)}): the job was requeued."
+            )
         else:
             logger.warning(
                 f"OUTPUT_DIR {self.output_dir!r}: the run that locked it ({_describe(owner)}) is gone; "

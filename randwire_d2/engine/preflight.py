@@ -2,6 +2,7 @@
 config, paths, counts, devices, periods, schedules or dataset class lists is one
 error naming the key and what is allowed, whatever ``--num-gpus`` (in a worker it
 would come back wrapped in torch's ``ProcessRaisedException``)."""
+import logging
 import os
 import tempfile
 
@@ -54,10 +55,14 @@ def _check_datasets(cfg, eval_only: bool) -> None:
 
 
 def _check_model(cfg) -> None:
-    if is_classification(cfg) or str(cfg.MODEL.BACKBONE.NAME).startswith("build_randwire"):
-        from ..config import randwire_kwargs
+    from ..config import check_detection_head_widths, model_warnings, randwire_kwargs
 
+    if is_classification(cfg) or str(cfg.MODEL.BACKBONE.NAME).startswith("build_randwire"):
         randwire_kwargs(cfg)  # MODEL.RANDWIRE.*, graph files
+        for message in model_warnings(cfg):
+            logging.getLogger("randwire_d2").warning(message)
+    if not is_classification(cfg) and "FPN" in str(cfg.MODEL.BACKBONE.NAME).upper():
+        check_detection_head_widths(cfg)
 
 
 def check_before_launch(cfg, args) -> None:

@@ -5,21 +5,26 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from typing import Dict, Optional
 
-__all__ = ["RESULTS_FILE", "write_results"]
+__all__ = ["RESULTS_FILE", "WEIGHTS_KEY", "write_results"]
 
 logger = logging.getLogger("randwire_d2")
 RESULTS_FILE = "final_metrics.json"
+WEIGHTS_KEY = "weights"  # which weights the metrics are of (randwire_d2.engine.provenance)
 
 
-def write_results(output_dir: str, results) -> str:
-    """Print the final metric table and keep it as JSON in OUTPUT_DIR."""
+def write_results(output_dir: str, results, weights: Optional[Dict] = None) -> str:
+    """Print the final metric table and keep it as JSON in OUTPUT_DIR, with the weights
+    it is of (``weights``, :func:`~randwire_d2.engine.provenance.describe_weights`) under
+    the key ``"weights"``."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, RESULTS_FILE)
     flat = _to_builtin(results)
     tmp = path + ".tmp"
+    record = dict(flat, **({WEIGHTS_KEY: weights} if weights else {}))
     with open(tmp, "w") as f:  # strict JSON: NaN (e.g. AP of a class absent from val) -> null
-        f.write(json.dumps(flat, indent=2, allow_nan=False))
+        f.write(json.dumps(record, indent=2, allow_nan=False))
     os.replace(tmp, path)
     for dataset, tasks in (flat.items() if _is_nested(flat) else [("", flat)]):
         for task, metrics in tasks.items():

@@ -260,6 +260,15 @@ def check_run_settings(cfg, resume: bool = False, world_size: Optional[int] = No
             "with tools/convert_pretrained.py (see configs/randwire_frcnn.yaml), or pass MODEL.WEIGHTS \"\" "
             "to train from scratch."
         )
+    if weights and "://" not in weights and os.path.isfile(weights) and not resuming:
+        from ..checkpoint import weights_file_problem
+
+        problem = weights_file_problem(weights)
+        if problem:
+            raise ValueError(
+                f"cfg.MODEL.WEIGHTS = {weights!r} {problem}, not a checkpoint (a PyTorch .pth or a detectron2 "
+                ".pkl, e.g. model_final.pth of a training or tools/convert_pretrained.py's output)."
+            )
     rw = cfg.MODEL.RANDWIRE
     if world > 1 and not device.startswith("cuda"):
         norms = {

@@ -1,7 +1,11 @@
 """What ``tools/train_net.py`` runs (yaml configs): its argument parser, the checks and
 OUTPUT_DIR lock before any process starts, the launch, and each process's ``main``
-(train, or ``--eval-only``); :func:`error_line` is the one-line message of a failed run."""
+(train, or ``--eval-only``); :func:`error_line` is the one-line message of a failed run,
+:func:`run` the command line's exit (one line, status 1 on failure, 128 + signal on a stop
+signal). ``--launcher slurm`` submits the run as one SLURM job instead (:mod:`.slurm`)."""
 import contextlib
+import os
+import sys
 
 from detectron2.engine import default_argument_parser
 
@@ -9,17 +13,20 @@ from ..checkpoint import RandWireCheckpointer
 from ..config import is_classification
 from ..data.custom import check_detection_datasets
 from .defaults import setup, setup_cfg
-from .errors import TrainingError, WorkerError, log_failure, one_line
-from .launch import launch
+from .errors import TrainingError, WorkerError, debug_enabled, log_failure, one_line
+from .launch import launch, uses_cuda
 from .output_dir import OutputDirLock, check_existing_results
+from .preemption import RunStopped, stop_on_signals
 from .preflight import check_before_launch
+from .provenance import check_checkpoint_classes
+from .slurm import add_slurm_arguments, submit
 from .trainer import Trainer
 
-__all__ = ["argument_parser", "error_line", "launch_from_args", "main"]
+__all__ = ["argument_parser", "error_line", "launch_from_args", "main", "run", "submit_to_slurm"]
 
 
 def argument_parser():
-    parser = default_argument_parser()
+    parser = add_slurm_arguments(default_argument_parser())
     parser.add_argument(
         "--overwrite", action="store_true",
         help="start a new run in an OUTPUT_DIR that holds a previous run's checkpoints: deletes them and its "
@@ -29,13 +36,18 @@ def argument_parser():
 
 
 def main(args):
+    with stop_on_signals():  # SIGTERM/SIGUSR1/SIGINT: checkpoint the iteration, raise RunStopped
+        return _main(args)
+
+
+def _main(args):
     try:
         cfg = setup(args)
-        if args.eval_only:
+        if args.eval_only:  # setup() resolved the weights (--resume: the last checkpoint) into MODEL.WEIGHTS
             model = Trainer.build_model(cfg)
-            RandWireCheckpointer(
-                model, save_dir=cfg.OUTPUT_DIR, partial_weights=cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS
-            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            checkpointer = RandWireCheckpointer(model, complete=True)  # every tensor, or refused
+            checkpointer.load(cfg.MODEL.WEIGHTS)
+            check_checkpoint_classes(cfg, checkpointer.loaded_class_names, cfg.MODEL.WEIGHTS)
             return Trainer.test(cfg, model)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
@@ -57,6 +69,8 @@ def launch_from_args(args):
     """Check the settings, lock OUTPUT_DIR, then run ``main`` in ``args.num_gpus`` processes
     per machine (GPUs, or CPU processes with MODEL.DEVICE cpu) on ``args.num_machines`` machines."""
     cfg = setup_cfg(args.config_file, args.opts)
+    if getattr(args, "launcher", "local") == "slurm":
+        return submit_to_slurm(args, cfg)
     check_before_launch(cfg, args)
     if args.num_gpus * args.num_machines > 1 and not is_classification(cfg):
         check_detection_datasets(cfg, eval_only=args.eval_only)  # one clear error, not one per worker
@@ -79,8 +93,38 @@ def launch_from_args(args):
         )
 
 
+def submit_to_slurm(args, cfg):
+    """--launcher slurm: the checks here, then one job of --nodes x --gpus-per-node tasks;
+    returns the submitit job."""
+    args.num_gpus, args.num_machines, args.machine_rank = args.gpus_per_node, args.nodes, 0
+    check_before_launch(cfg, args)
+    if not is_classification(cfg):
+        check_detection_datasets(cfg, eval_only=args.eval_only)
+    if not args.eval_only:
+        check_existing_results(cfg.OUTPUT_DIR, resume=args.resume, overwrite=getattr(args, "overwrite", False),
+                               weights=cfg.MODEL.WEIGHTS)
+    job = submit(main, args, cfg.OUTPUT_DIR, uses_cuda(cfg.MODEL.DEVICE))
+    print(f"submitted SLURM job {job.job_id}: {args.nodes} node(s) x {args.gpus_per_node} process(es); logs in "
+          f"{os.path.join(cfg.OUTPUT_DIR, 'submitit')} and {os.path.join(cfg.OUTPUT_DIR, 'log.txt')}")
+    return job
+
+
 def error_line(exc: BaseException) -> str:
     where = " (traceback: RANDWIRE_DEBUG=1"
     if isinstance(exc, (TrainingError, WorkerError)):
         where += ", or OUTPUT_DIR/log.txt"
     return f"error: {one_line(exc)}{where})"
+
+
+def run(args) -> None:
+    """launch_from_args for the command line: exits with one line on failure (status 1)
+    or on a stop signal (128 + signal, e.g. 143 for SIGTERM)."""
+    try:
+        launch_from_args(args)
+    except RunStopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        sys.exit(error_line(exc))

@@ -36,6 +36,8 @@ from ..data.validation import SafeDatasetMapper
 from .datasets import builtin_dataset_hint, load_detection_train_dicts
 from .errors import TrainingError, one_line
 from .hooks import ExactResumeHook
+from .preemption import StopHook
+from .provenance import evaluated_weights, train_class_names
 from .results import write_results
 from .run_settings import amp_needs_cuda
 
@@ -107,6 +109,12 @@ class Trainer(DefaultTrainer):
         try:
             return super().train()
         except Exception as exc:
+            if self.iter >= self.max_iter:  # the loop finished: the final evaluation failed
+                raise TrainingError(
+                    f"the evaluation after training failed: {one_line(exc)} (training finished: "
+                    f"{self._last_good_checkpoint()})",
+                    self.iter,
+                ) from exc
             raise TrainingError(
                 f"training stopped at iteration {self.iter}: {one_line(exc)} ({self._last_good_checkpoint()})",
                 self.iter,
@@ -122,14 +130,16 @@ class Trainer(DefaultTrainer):
         # swap it before the checkpoint hook captures it.
         old = self.checkpointer
         self.checkpointer = RandWireCheckpointer(
-            old.model, old.save_dir, partial_weights=self.cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS, **old.checkpointables
+            old.model, old.save_dir, partial_weights=self.cfg.MODEL.RANDWIRE.PARTIAL_WEIGHTS,
+            class_names=train_class_names(self.cfg), **old.checkpointables
         )
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             hook = ExactResumeHook(loader=loader)
         else:
             hook = ExactResumeHook(seed=self.cfg.SEED if self.cfg.SEED >= 0 else None)
-        return [hook] + super().build_hooks()
+        # StopHook last: a stop signal checkpoints the iteration after its evaluation and logging
+        return [hook] + super().build_hooks() + [StopHook(self.checkpointer)]
 
     # detectron2 v0.6's DefaultTrainer does not checkpoint its SimpleTrainer: the optimizer
     # (momentum buffers, and the param groups' current LR) was lost on resume. HEAD saves
@@ -247,5 +257,5 @@ class Trainer(DefaultTrainer):
             check_dataset_classes(cfg, cfg.DATASETS.TEST, model_num_classes(model))
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and results:
-            write_results(cfg.OUTPUT_DIR, results)
+            write_results(cfg.OUTPUT_DIR, results, weights=evaluated_weights(cfg))
         return results

@@ -6,7 +6,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-from ..engine import RESULTS_FILE
+from ..engine import RESULTS_FILE, WEIGHTS_KEY
 
 __all__ = [
     "PRIMARY_METRICS",
@@ -37,6 +37,8 @@ def flatten_metrics(results: dict) -> Dict[str, Optional[float]]:
     NaN and null become None, so sweep.json stays strict JSON."""
     def is_task_level(d):
         return all(v is None or isinstance(v, (int, float)) for v in d.values())
+
+    results = {k: v for k, v in results.items() if k != WEIGHTS_KEY}  # provenance, not a metric
 
     if all(isinstance(v, dict) and is_task_level(v) for v in results.values()):
         return {f"{task}/{k}": _value(v) for task, m in results.items() for k, v in m.items()}

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Dict, List, Optional
 
 from ..engine import RESULTS_FILE
+from ..engine.preemption import STOP_EXIT_CODES
 
 __all__ = [
     "LOG_FILE",
@@ -147,7 +148,8 @@ def execute_task(task: dict, register: Callable[[subprocess.Popen], None] = None
             wall = time.time() - t0
             attempt.update(ended=_now(), returncode=rc if not stopped else None, wall_time_s=round(wall, 2))
             status["wall_time_s"] = round(sum(a.get("wall_time_s", 0.0) for a in status["attempts"]), 2)
-            if stopped or (rc is not None and rc < 0):
+            # killed, or stopped by a signal after checkpointing (train_net exits 128 + signal)
+            if stopped or (rc is not None and (rc < 0 or rc in STOP_EXIT_CODES)):
                 status["status"] = "interrupted"
             elif rc == 0 and os.path.isfile(os.path.join(out, RESULTS_FILE)):
                 status["status"] = "finished"
