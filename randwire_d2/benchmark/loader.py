@@ -1,0 +1,109 @@
+"""Images/s of the classification data loader (decode + augment), no model.
+
+:func:`foolbox_photo_tree` builds a temporary ImageFolder tree of real ImageNet photos
+(foolbox's samples, re-encoded as JPEG); :func:`stage_breakdown` times the per-image stages
+of the CPU path in this process; :func:`loader_throughput` times the real loader.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shutil
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["foolbox_photos", "foolbox_photo_tree", "loader_throughput", "stage_breakdown"]
+
+
+def foolbox_photos() -> List[str]:
+    """Paths of the 20 ImageNet validation JPEGs shipped in the foolbox package (read as files)."""
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "foolbox's sample photos are not installed (`pip install --no-deps foolbox==3.3.4`); "
+            "give an ImageFolder tree instead (--root)."
+        )
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    return sorted(os.path.join(data, n) for n in os.listdir(data) if n.startswith("imagenet_"))
+
+
+def foolbox_photo_tree(dest: str, num_images: int, size: Optional[Tuple[int, int]] = (500, 375),
+                       classes: int = 10, quality: int = 90) -> str:
+    """``dest/n<class>/img_<i>.JPEG``: foolbox's photos resized to ``size`` (W, H; None keeps
+    them) and JPEG-encoded at ``quality``, replicated to ``num_images`` files."""
+    from PIL import Image
+
+    encoded = []
+    for i, p in enumerate(foolbox_photos()):
+        img = Image.open(p).convert("RGB")
+        if size:
+            img = img.resize(tuple(size), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        encoded.append(buf.getvalue())
+    for i in range(num_images):
+        cls_dir = os.path.join(dest, f"n{i % classes:08d}")
+        os.makedirs(cls_dir, exist_ok=True)
+        with open(os.path.join(cls_dir, f"img_{i:07d}.JPEG"), "wb") as f:
+            f.write(encoded[i % len(encoded)])
+    return dest
+
+
+def stage_breakdown(dicts: Sequence[Dict], mapper, n: int) -> Dict[str, float]:
+    """Seconds per image of each stage of the CPU path, single-threaded, in this process."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    t = {"read": 0.0, "decode": 0.0, "augment": 0.0, "to_tensor": 0.0}
+    for d in dicts[:n]:
+        t0 = time.perf_counter()
+        with open(d["file_name"], "rb") as f:
+            raw = f.read()
+        t1 = time.perf_counter()
+        img = Image.open(io.BytesIO(raw)).convert("RGB")
+        t2 = time.perf_counter()
+        arr = mapper.transform(img)
+        t3 = time.perf_counter()
+        torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        t4 = time.perf_counter()
+        t["read"] += t1 - t0
+        t["decode"] += t2 - t1
+        t["augment"] += t3 - t2
+        t["to_tensor"] += t4 - t3
+    return {k: v / n for k, v in t.items()}
+
+
+def loader_throughput(cfg, name: str, *, workers: int, batches: int, is_train: bool = True,
+                      warmup: int = 2) -> Dict:
+    """{"workers", "img_s", "ms_per_batch"} of the loader ``cfg`` builds for dataset ``name``."""
+    from ..data.classification import build_classification_test_loader, build_classification_train_loader
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATALOADER.NUM_WORKERS = workers
+    loader = build_classification_train_loader(cfg) if is_train else build_classification_test_loader(cfg, name)
+    it = iter(loader)
+
+    def next_batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:  # the eval loader is finite
+            it = iter(loader)
+            return next(it)
+
+    for _ in range(warmup):  # worker start-up, first prefetch
+        next_batch()
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        n += len(next_batch())
+    dt = time.perf_counter() - t0
+    del it, loader
+    return {"workers": workers, "img_s": n / dt, "ms_per_batch": dt / batches * 1e3}
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""randwire_d2.benchmark, the library behind tools/benchmark.py and tools/benchmark_loader.py."""
+import json
+
+import pytest
+import torch
+
+from randwire_d2.benchmark import Settings
+from randwire_d2.benchmark.measure import count_work, timed, unsupported, work_fields
+from randwire_d2.benchmark.report import ratios, write_json
+
+
+def test_settings_fill_the_device_defaults_and_name_bad_options():
+    s = Settings(device="cuda").resolve()
+    assert (s.batch, s.image_size, s.det_batch, s.det_size, s.warmup, s.repeats) == (256, 224, 8, (800, 1216), 5, 20)
+    s = Settings(device="cpu", tiny=True).resolve()
+    assert (s.batch, s.image_size, s.det_size, s.threads) == (2, 64, (128, 128), 1)
+    with pytest.raises(ValueError, match="--precisions: unknown \\['fp8'\\]"):
+        Settings(precisions=["fp8"]).resolve()
+    with pytest.raises(ValueError, match="--executors"):
+        Settings(executors=["reference+recompute"]).resolve()
+    with pytest.raises(ValueError, match="--presets"):
+        Settings(presets=["huge"]).resolve()
+
+
+def test_timed_runs_warmup_plus_repeats_and_reports_the_median():
+    calls = []
+    median, raw, _ = timed(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5)
+    assert len(calls) == 7 and len(raw) == 5 and median >= 0
+    assert unsupported(torch.device("cpu"), "fp16") == "unsupported"
+    assert unsupported(torch.device("cpu"), "bf16") is None
+
+
+def test_count_work_of_a_matmul():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    gflop, gbytes = count_work(lambda: a @ b)
+    assert gflop == pytest.approx(2 * 8 * 16 * 4 / 1e9)
+    assert gbytes == pytest.approx((8 * 16 + 16 * 4 + 8 * 4) * 4 / 1e9)
+    fields = work_fields("train", gflop, gbytes, 0.5)
+    assert fields["train_achieved_gbs"] == round(gbytes / 0.5, 2)
+
+
+def test_ratios_pair_randwire_rows_with_their_baseline():
+    cls = [
+        {"model": "randwire-regular-c109", "preset": "regular-c109", "executor": "lean", "precision": "bf16",
+         "status": "ok", "train_img_s": 50.0, "saved_mb_per_img": 120.0, "traffic_mb_per_img": 2400.0},
+        {"model": "resnet50", "preset": None, "executor": None, "precision": "bf16", "status": "ok",
+         "train_img_s": 100.0, "saved_mb_per_img": 80.0, "traffic_mb_per_img": 1000.0},
+    ]
+    det = [
+        {"model": "randwire-fpn", "executor": "lean", "precision": "bf16", "status": "ok",
+         "train_ms_iter": 130.0, "train_peak_mem_mb": 900.0},
+        {"model": "r50-fpn", "executor": None, "precision": "bf16", "status": "ok",
+         "train_ms_iter": 100.0, "train_peak_mem_mb": 1000.0},
+    ]
+    got = {r["what"]: r["ratio"] for r in ratios(cls, det)}
+    assert got["classification train img/s randwire-regular-c109 / resnet50"] == 0.5
+    assert got["saved_mb_per_img randwire-regular-c109 / resnet50"] == 1.5
+    assert got["traffic_mb_per_img randwire-regular-c109 / resnet50"] == 2.4
+    assert got["detection train ms/iter randwire-fpn / r50-fpn"] == 1.3
+    assert got["detection train peak memory MB randwire-fpn / r50-fpn"] == 0.9
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_json({"a": 1}, str(path))
+    write_json({"a": 2}, str(path))
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
