@@ -1,5 +1,6 @@
 """randwire_d2.benchmark, the library behind tools/benchmark.py and tools/benchmark_loader.py."""
 import json
+import os
 
 import pytest
 import torch
@@ -66,3 +67,30 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     write_json({"a": 2}, str(path))
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_loader_report_covers_both_decode_paths(tmp_path):
+    pytest.importorskip("PIL")
+    import randwire_d2.data  # noqa: F401
+    from detectron2.config import get_cfg
+
+    from randwire_d2.benchmark.loader import foolbox_photo_tree, loader_report
+    from randwire_d2.config import add_classification_config, add_randwire_config
+    from randwire_d2.data.classification import register_image_folder
+
+    root = foolbox_photo_tree(str(tmp_path), 16, size=(200, 150), classes=2)
+    assert len(os.listdir(os.path.join(root, "n00000001"))) == 8
+    register_image_folder("test_loader_report_tree", root)
+    cfg = get_cfg()
+    add_randwire_config(cfg)
+    add_classification_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.DATASETS.TRAIN = ("test_loader_report_tree",)
+    cfg.SOLVER.IMS_PER_BATCH = 4
+    cfg.INPUT.CROP_SIZE = 64
+    report = loader_report(cfg, "test_loader_report_tree", device="cpu", workers=[0], batches=2, log=lambda *_: None)
+    cpu, dev = report["paths"]["cpu"], report["paths"]["device"]
+    assert cpu["decode_device"] is None and dev["decode_device"] == "cpu"
+    assert set(cpu["stage_ms"]) == {"read", "decode", "augment", "to_tensor"}
+    assert cpu["worker_img_s_per_core"] > 0 and dev["worker_img_s_per_core"] > 0 and dev["device_img_s"] > 0
+    assert [r["workers"] for r in dev["loader"]] == [0] and dev["loader"][0]["img_s"] > 0

@@ -1,8 +1,11 @@
-"""Images/s of the classification data loader (decode + augment), no model.
+"""Images/s of the classification data loader (decode + augment), no model, both paths.
 
 :func:`foolbox_photo_tree` builds a temporary ImageFolder tree of real ImageNet photos
 (foolbox's samples, re-encoded as JPEG); :func:`stage_breakdown` times the per-image stages
-of the CPU path in this process; :func:`loader_throughput` times the real loader.
+of the CPU path in this process, :func:`encode_rate` the device path's worker half (read the
+bytes, parse the header, draw the crop plan), :func:`device_decode_rate` its main-process
+half (batched decode + crop/resize/flip on the device); :func:`loader_throughput` times
+the real loader; :func:`loader_report` does all of it for a tree and returns one dict.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import shutil
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["foolbox_photos", "foolbox_photo_tree", "loader_throughput", "stage_breakdown"]
+__all__ = ["device_decode_rate", "encode_rate", "foolbox_photos", "foolbox_photo_tree", "loader_report",
+           "loader_throughput", "stage_breakdown"]
 
 
 def foolbox_photos() -> List[str]:
@@ -78,6 +82,8 @@ def stage_breakdown(dicts: Sequence[Dict], mapper, n: int) -> Dict[str, float]:
 def loader_throughput(cfg, name: str, *, workers: int, batches: int, is_train: bool = True,
                       warmup: int = 2) -> Dict:
     """{"workers", "img_s", "ms_per_batch"} of the loader ``cfg`` builds for dataset ``name``."""
+    import torch
+
     from ..data.classification import build_classification_test_loader, build_classification_train_loader
 
     cfg = cfg.clone()
@@ -94,12 +100,19 @@ def loader_throughput(cfg, name: str, *, workers: int, batches: int, is_train: b
             it = iter(loader)
             return next(it)
 
+    def wait(batch):  # the device path's last batch may still be decoding on the GPU
+        images = getattr(batch, "images", None)
+        if images is not None and images.is_cuda:
+            torch.cuda.synchronize(images.device)
+
     for _ in range(warmup):  # worker start-up, first prefetch
-        next_batch()
+        wait(next_batch())
     n = 0
     t0 = time.perf_counter()
     for _ in range(batches):
-        n += len(next_batch())
+        batch = next_batch()
+        n += len(batch)
+    wait(batch)
     dt = time.perf_counter() - t0
     del it, loader
     return {"workers": workers, "img_s": n / dt, "ms_per_batch": dt / batches * 1e3}
@@ -107,3 +120,80 @@ def loader_throughput(cfg, name: str, *, workers: int, batches: int, is_train: b
 
 def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def encode_rate(dicts: Sequence[Dict], mapper, n: int) -> float:
+    """Images/s of one core doing the device path's worker half (``mapper.decode_device`` set)."""
+    from ..data.resumable import seeded_rngs
+
+    t0 = time.perf_counter()
+    for i, d in enumerate(dicts[:n]):
+        with seeded_rngs(i):
+            mapper(dict(d))
+    return n / (time.perf_counter() - t0)
+
+
+def device_decode_rate(dicts: Sequence[Dict], mapper, *, batch_size: int, batches: int, warmup: int = 1) -> float:
+    """Images/s of the device path's main-process half: batched decode and augmentation on
+    ``mapper.decode_device`` (synchronised on CUDA), batches encoded beforehand."""
+    import torch
+
+    from ..data.device_decode import DeviceDecoder, encoded_collator
+    from ..data.resumable import seeded_rngs
+
+    decoder = DeviceDecoder(mapper.decode_device, mapper.crop_size, mapper.image_format)
+    encoded = []
+    for b in range(min(batches, 4)):  # a few distinct batches, reused
+        items = []
+        for i in range(batch_size):
+            with seeded_rngs(b * batch_size + i):
+                items.append(mapper(dict(dicts[(b * batch_size + i) % len(dicts)])))
+        encoded.append(encoded_collator(items))
+    cuda = decoder.device.type == "cuda"
+    if cuda:
+        encoded = [e.pin_memory() for e in encoded]
+    for i in range(warmup):
+        decoder(encoded[i % len(encoded)])
+    if cuda:
+        torch.cuda.synchronize(decoder.device)
+    t0 = time.perf_counter()
+    for i in range(batches):
+        decoder(encoded[i % len(encoded)])
+    if cuda:
+        torch.cuda.synchronize(decoder.device)
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+def loader_report(cfg, name: str, *, device: str, workers: Sequence[int], batches: int, is_train: bool = True,
+                  paths: Sequence[str] = ("cpu", "device"), log=print) -> Dict:
+    """Per-core and loader images/s of each decode path on dataset ``name`` (cfg: its loader)."""
+    from detectron2.data import DatasetCatalog
+
+    from ..data.classification import ClassificationDatasetMapper
+
+    dicts = DatasetCatalog.get(name)
+    n = min(200, len(dicts))
+    out = {"images": len(dicts), "batch_size": cfg.SOLVER.IMS_PER_BATCH, "is_train": is_train,
+           "cpu_cores": len(os.sched_getaffinity(0)), "paths": {}}
+    for path in paths:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = device if path == "device" else cfg.MODEL.DEVICE
+        cfg.INPUT.CLS_DECODE = path
+        mapper = ClassificationDatasetMapper(cfg, is_train)
+        row: Dict = {"decode_device": mapper.decode_device}
+        if path == "cpu":
+            per = stage_breakdown(dicts, mapper, n)
+            row["stage_ms"] = {k: round(v * 1e3, 3) for k, v in per.items()}
+            row["worker_img_s_per_core"] = round(1 / sum(per.values()), 1)
+        else:
+            row["worker_img_s_per_core"] = round(encode_rate(dicts, mapper, n), 1)
+            row["device_img_s"] = round(device_decode_rate(dicts, mapper, batch_size=cfg.SOLVER.IMS_PER_BATCH,
+                                                           batches=batches), 1)
+        row["loader"] = []
+        for w in workers:
+            r = loader_throughput(cfg, name, workers=w, batches=batches, is_train=is_train)
+            row["loader"].append({k: round(v, 1) for k, v in r.items()})
+        log(f"{path:6s} path: {row}")
+        out["paths"][path] = row
+    return out
