@@ -103,6 +103,17 @@ def parse_args(argv=None):
                     help="only the device-independent cost model (classification; no timing, no detection)")
     ap.add_argument("--cost-batch", type=int, default=4,
                     help="batch of the device-independent cost model (randwire_d2.cost; 0: skip)")
+    ap.add_argument("--suite", choices=["gpu"], default=None,
+                    help="gpu: the one-call GPU proof (randwire_d2.benchmark.gpu_suite; <= 8 min on one "
+                         "H100/H200), JSON rewritten after every section")
+    ap.add_argument("--smoke", action="store_true", help="--suite at tiny sizes (CI: --device cpu)")
+    ap.add_argument("--detection-cost", action="store_true",
+                    help="only the cost model of a Faster R-CNN FPN training step, RandWire-FPN vs R50-FPN "
+                         "(--det-batch images of --det-size; default 2 x 800,1216; CPU, fp32)")
+    ap.add_argument("--det-config", default=None,
+                    help="RandWire-FPN yaml of --detection-cost (default configs/randwire_frcnn.yaml)")
+    ap.add_argument("--no-regions", dest="regions", action="store_false",
+                    help="--detection-cost without the bottom-up / FPN / heads split (3x faster)")
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"of {list(PRESETS)} (ignored with --tiny)")
     ap.add_argument("--channels-last", action="store_true", help="models and inputs in NHWC")
     ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (5; 1 tiny)")
@@ -138,6 +149,23 @@ def main(argv=None):
     args, settings = parse_args(argv)
     command = shlex.join([sys.executable] + (sys.argv if argv is None else ["tools/benchmark.py", *argv]))
     log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.suite == "gpu":
+        import datetime
+
+        from randwire_d2.benchmark.gpu_suite import run_gpu_suite
+
+        default = f"benchmarks/gpu-suite-{args.device}{'-smoke' if args.smoke else ''}-{datetime.date.today()}.json"
+        return run_gpu_suite(device=args.device, smoke=args.smoke, json_path=args.json or default,
+                             command=command, log=log)
+    if args.detection_cost:
+        from randwire_d2.benchmark.detection_cost import run_detection_cost
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        return run_detection_cost(
+            command=command, images=args.det_batch or 2, size=settings.det_size if args.det_size else (800, 1216),
+            tiny=settings.tiny, regions=args.regions, randwire_config=args.det_config, date=args.date,
+            json_path=args.json, log=log)
     return run_benchmark(settings, command=command, date=args.date, json_path=args.json, log=log)
 
 
