@@ -94,3 +94,44 @@ def test_loader_report_covers_both_decode_paths(tmp_path):
     assert set(cpu["stage_ms"]) == {"read", "decode", "augment", "to_tensor"}
     assert cpu["worker_img_s_per_core"] > 0 and dev["worker_img_s_per_core"] > 0 and dev["device_img_s"] > 0
     assert [r["workers"] for r in dev["loader"]] == [0] and dev["loader"][0]["img_s"] > 0
+
+
+def test_detection_cost_rows_and_ratios_at_a_tiny_size():
+    import randwire_d2  # noqa: F401
+    from randwire_d2.benchmark.detection_cost import COST_KEYS, detection_cost
+
+    torch.set_num_threads(1)
+    out = detection_cost(images=1, size=(64, 96), tiny=True, log=lambda *_: None)
+    rows = {r["model"]: r for r in out["rows"]}
+    rw, r50 = rows["randwire-fpn"], rows["r50-fpn"]
+    for r in (rw, r50):
+        assert r["status"] == "ok" and r["norm"] == "FrozenBN" and r["freeze_at"] == 2
+        assert r["trainable_params_m"] < r["params_m"]  # the stem is frozen
+        assert all(r[k] > 0 for k in COST_KEYS) and isinstance(r["ops_per_step"], int)
+        reg = r["regions"]
+        assert reg["traffic_mb_per_img bottom_up"] > 0 and reg["traffic_mb_per_img fpn"] > 0
+        parts = sum(v for k, v in reg.items() if k.startswith("traffic_mb_per_img"))
+        assert parts == pytest.approx(r["traffic_mb_per_img"], abs=0.05)
+    ratios = {x["what"]: x["ratio"] for x in out["ratios"]}
+    assert ratios["detection traffic_mb_per_img randwire-fpn / r50-fpn"] == round(
+        rw["traffic_mb_per_img"] / r50["traffic_mb_per_img"], 3)
+    assert set(ratios) == {f"detection {k} randwire-fpn / r50-fpn" for k in COST_KEYS}
+
+
+def test_training_cost_counts_ops_and_takes_list_inputs():
+    from randwire_d2.cost import training_cost
+
+    class Stacking(torch.nn.Module):  # takes a list of images, as detectron2's models do
+        def __init__(self, conv):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, images):
+            return self.conv(torch.stack(images))
+
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    a = training_cost(conv, x, loss_fn=lambda out: out.sum())
+    b = training_cost(Stacking(conv), [x[0], x[1]], loss_fn=lambda out: out.sum())
+    assert a["ops_per_step"] > 3 and a["ops_per_step"] == training_cost(conv, x, loss_fn=lambda o: o.sum())["ops_per_step"]
+    assert b["saved_mb_per_img"] == pytest.approx(a["saved_mb_per_img"])  # per image: len(list) images

@@ -17,8 +17,9 @@ RANDWIRE_FPN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirna
                                    "configs", "randwire_frcnn.yaml")
 
 
-def detection_cfgs(s, device, randwire_opts=("MODEL.RANDWIRE.NORM", "BN"), r50_opts=()):
-    """(name, cfg or None, executors, why cfg is None) per detector; ``*_opts`` are extra overrides."""
+def detection_cfgs(s, device, randwire_opts=("MODEL.RANDWIRE.NORM", "BN"), r50_opts=(), randwire_config=None):
+    """(name, cfg or None, executors, why cfg is None) per detector; ``*_opts`` are extra overrides,
+    ``randwire_config`` another RandWire-FPN yaml (default configs/randwire_frcnn.yaml)."""
     from detectron2.config import get_cfg
 
     from ..compat import model_zoo_config_file
@@ -27,7 +28,7 @@ def detection_cfgs(s, device, randwire_opts=("MODEL.RANDWIRE.NORM", "BN"), r50_o
     opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device.type, *randwire_opts]
     if s.tiny:
         opts += ["MODEL.RANDWIRE.CHANNELS", 16, "MODEL.RANDWIRE.NODES", 10]
-    rw = setup_cfg(RANDWIRE_FPN_CONFIG, opts)
+    rw = setup_cfg(randwire_config or RANDWIRE_FPN_CONFIG, opts)
     try:  # found by path: detectron2.model_zoo needs pkg_resources at HEAD
         r50_file = model_zoo_config_file(R50_FPN_CONFIG)
     except FileNotFoundError as exc:
