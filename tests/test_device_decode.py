@@ -248,3 +248,15 @@ def test_classifier_takes_the_stacked_batch():
     torch.manual_seed(1)
     b = model(list(dicts))["loss_cls"]
     assert torch.equal(a, b)
+
+
+def test_pre_launch_check_names_a_bad_decode_setting():
+    from randwire_d2.run_settings import check_run_values
+
+    cfg = make_cfg(**{"SOLVER.IMS_PER_BATCH": 4})
+    check_run_values(cfg, classification=True)
+    cfg.INPUT.CLS_DECODE = "gpu"
+    with pytest.raises(ValueError, match="INPUT.CLS_DECODE.*'gpu'.*'auto', 'cpu', 'device'"):
+        check_run_values(cfg, classification=True)
+    mapper = ClassificationDatasetMapper(True, decode_device="auto")  # LazyConfig's default
+    assert mapper.decode_device == ("cuda" if torch.cuda.is_available() else None)

@@ -341,7 +341,8 @@ class ClassificationDatasetMapper:
     the model. Unreadable files raise an error naming the file.
 
     The random draws of an image (crop, padding offset, flip) form its crop plan
-    (:meth:`plan`). With ``decode_device`` (``INPUT.CLS_DECODE``, see
+    (:meth:`plan`). With ``decode_device`` (a torch device, or "auto": CUDA when available;
+    from ``INPUT.CLS_DECODE``, see
     :mod:`randwire_d2.data.device_decode`) the mapper only reads the file and draws the
     plan; the loader's :class:`~randwire_d2.data.device_decode.DeviceDecoder` decodes and
     applies it on that device.
@@ -385,6 +386,8 @@ class ClassificationDatasetMapper:
         self.crop_ratio = tuple(float(r) for r in crop_ratio)
         self.pad = int(pad)
         self.flip = flip
+        if decode_device == "auto":  # LazyConfig's default: the GPU when there is one
+            decode_device = "cuda" if torch.cuda.is_available() else None
         self.decode_device = decode_device
         # Seeded per image by the resumable loader (it seeds `random`).
         self._rng = random
