@@ -19,6 +19,12 @@ Files that are not RGB/gray JPEGs (PNG, CMYK JPEG, ...) and in-memory arrays are
 the worker with PIL, exactly as on the CPU path, and travel as pixels. The same code runs
 with ``device="cpu"`` (the tests do): decoding is bit-identical to PIL's, resizing within one
 grey level of it.
+
+Why not NVIDIA DALI: its pipelines draw augmentation from their own RNG (no exact resume,
+no bit-for-bit agreement with the CPU path), it cannot run the same code on a CPU-only CI
+machine, and it is one more CUDA-version-specific wheel. Its edge -- the A100/H100 hardware
+JPEG decoder and ROI decoding -- matters only if the GPU suite's ``loader`` section shows
+this path short of the training step's rate.
 """
 from __future__ import annotations
 
@@ -135,14 +141,18 @@ def encoded_collator(batch: List[Dict]) -> EncodedBatch:
 
 # --------------------------------------------------------------------------- transforms
 def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 CHW -> uint8 CHW, bilinear with PIL's antialiasing when shrinking."""
-    out = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False,
-                        antialias=True)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    """uint8 CHW -> float CHW (not rounded), bilinear with PIL's antialiasing when shrinking."""
+    return F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=True)[0]
 
 
-def apply_plan(image: torch.Tensor, plan: Sequence[int], size: int) -> torch.Tensor:
-    """The ``size`` x ``size`` crop a :data:`CropPlan` describes, of a uint8 CHW ``image``."""
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.uint8 else x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def apply_plan(image: torch.Tensor, plan: Sequence[int], size: int, *, rounded: bool = True) -> torch.Tensor:
+    """The ``size`` x ``size`` crop a :data:`CropPlan` describes, of a uint8 CHW ``image``
+    (uint8; with ``rounded=False`` resized crops stay float, for the caller to round in one go)."""
     left, top, right, bottom, rw, rh, cx, cy, dx, dy, flip = (int(v) for v in plan)
     x = image[:, top:bottom, left:right]
     if (rh, rw) != tuple(x.shape[1:]):
@@ -158,7 +168,7 @@ def apply_plan(image: torch.Tensor, plan: Sequence[int], size: int) -> torch.Ten
         x = x.flip(2)
     elif flip == 2:
         x = x.flip(1)
-    return x
+    return _to_uint8(x) if rounded else x
 
 
 class DeviceDecoder:
@@ -200,11 +210,13 @@ class DeviceDecoder:
     def __call__(self, batch: EncodedBatch) -> ImageBatch:
         dev, size = self.device, self.crop_size
         decoded = self._decode_jpegs(batch)
-        images = torch.empty((len(batch), 3, size, size), dtype=torch.uint8, device=dev)
+        # resized crops land in one float batch, rounded to uint8 once (fewer kernels per image)
+        images = torch.empty((len(batch), 3, size, size), dtype=torch.float32, device=dev)
         plans = batch.plans.tolist()
         for i in range(len(batch)):
             image = decoded[i] if i in decoded else batch.pixels[i].to(dev, non_blocking=True)
-            images[i] = apply_plan(image, plans[i], size)
+            images[i] = apply_plan(image, plans[i], size, rounded=False)
+        images = _to_uint8(images)
         if self.image_format == "BGR":
             images = images.flip(1)
         labels = batch.labels.to(dev, non_blocking=True)
