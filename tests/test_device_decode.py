@@ -260,3 +260,18 @@ def test_pre_launch_check_names_a_bad_decode_setting():
         check_run_values(cfg, classification=True)
     mapper = ClassificationDatasetMapper(True, decode_device="auto")  # LazyConfig's default
     assert mapper.decode_device == ("cuda" if torch.cuda.is_available() else None)
+
+
+def test_ddp_input_moving_keeps_the_batch_whole():
+    """DistributedDataParallel moves a list's tensors one by one into a plain list; the
+    ImageBatch passes through as one object (its single copy happens in the model)."""
+    from torch.distributed.utils import _to_kwargs
+
+    dicts = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "label": i} for i in range(3)]
+    batch = ImageBatch.stack(dicts)
+    target = torch.device("meta")  # any device other than the tensors' own
+    moved, _ = _to_kwargs((list(dicts),), {}, target, False)
+    assert type(moved[0][0]) is list and moved[0][0][0]["image"].device == target  # what a list gets
+    moved, _ = _to_kwargs((batch,), {}, target, False)
+    assert moved[0][0] is batch
+    assert isinstance(batch[1:], list) and [d["label"] for d in batch] == [0, 1, 2]

@@ -28,6 +28,7 @@ this path short of the training step's rate.
 """
 from __future__ import annotations
 
+import collections.abc
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -73,14 +74,25 @@ def resolve_decode_device(setting: str, model_device: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- batches
-class ImageBatch(list):
-    """detectron2's batch (a list of dicts) that also holds its images stacked into one uint8
-    ``(N, C, H, W)`` tensor and its labels as one int64 tensor; each dict's "image" views a
-    row. The loader pins it as one block, the model copies it with one ``non_blocking`` copy."""
+class ImageBatch(collections.abc.Sequence):
+    """detectron2's batch (a sequence of dicts) that also holds its images stacked into one
+    uint8 ``(N, C, H, W)`` tensor and its labels as one int64 tensor; each dict's "image"
+    views a row. The loader pins it as one block, the model copies it with one
+    ``non_blocking`` copy. Not a ``list`` on purpose: DistributedDataParallel would move a
+    list's tensors one by one and hand the model a plain list."""
 
     def __init__(self, dicts: Sequence[Dict], images: torch.Tensor, labels: torch.Tensor):
-        super().__init__(dicts)
+        self._dicts = list(dicts)
         self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self._dicts)
+
+    def __getitem__(self, index):
+        return self._dicts[index]
+
+    def __repr__(self):
+        return f"ImageBatch({len(self)} images {tuple(self.images.shape)} on {self.images.device})"
 
     @classmethod
     def stack(cls, dicts: Sequence[Dict]) -> "ImageBatch":
