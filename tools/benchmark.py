@@ -4,6 +4,12 @@
     python tools/benchmark.py --device cuda --json benchmarks/h100-2026-11-24.json
     python tools/benchmark.py --tiny --device cpu --json /tmp/bench.json     # CI size, < 60 s
     python tools/benchmark.py --cost-only --presets regular-c109 --json benchmarks/cost.json
+    python tools/benchmark.py --detection-cost --json benchmarks/detection-cost.json   # FPN step cost
+    python tools/benchmark.py --suite gpu              # the one-call GPU proof (benchmarks/README.md)
+    python tools/benchmark.py --suite gpu --device cpu --smoke --json /tmp/suite.json  # CI, ~35 s
+
+The measurements are ``randwire_d2.benchmark`` (``gpu_suite``, ``detection_cost``: see their
+docstrings); this script parses arguments and calls them.
 
 Cost model (``randwire_d2.cost``, any device, no timing): activations kept for backward and
 bytes moved by a training step per image, for every RandWire row and ResNet-50, and their
