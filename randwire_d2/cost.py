@@ -13,6 +13,10 @@ Two numbers predict what a GPU training step pays for, and neither needs a GPU:
   convolutions and element-wise ops are memory-bound on a GPU, so this is what RandWire's
   step time follows; it is an upper bound on DRAM traffic (caches ignored).
 
+* ``ops_per_step``: the non-view ATen ops of the training forward and backward (the
+  optimizer update excluded): the kernel launches of an eager step, what a launch-bound GPU
+  step (small per-GPU batches, detection) pays for.
+
 MB = 1e6 bytes. Both are exact counts for given shapes (the RNG is seeded, so DropPath's
 data-dependent branch is taken the same way every run): two runs agree exactly. Compare a
 model against ResNet-50 measured the same way (``tools/benchmark.py --cost``).
