@@ -16,6 +16,11 @@ from .modeling.stage import EXECUTORS
 NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN", "GN")
 # generator -> {parameter: MODEL.RANDWIRE key}
 GENERATOR_KEYS = {"WS": {"k": "WS_K", "p": "WS_P"}, "ER": {"p": "ER_P"}, "BA": {"m": "BA_M"}}
+CLASSIFIER = "RandWireClassifier"  # the classification meta-architecture
+
+
+def is_classification(cfg: CN) -> bool:
+    return cfg.MODEL.META_ARCHITECTURE == CLASSIFIER
 
 
 def add_randwire_config(cfg: CN) -> CN:
