@@ -251,7 +251,7 @@ def test_classifier_takes_the_stacked_batch():
 
 
 def test_pre_launch_check_names_a_bad_decode_setting():
-    from randwire_d2.run_settings import check_run_values
+    from randwire_d2.engine.run_settings import check_run_values
 
     cfg = make_cfg(**{"SOLVER.IMS_PER_BATCH": 4})
     check_run_values(cfg, classification=True)
