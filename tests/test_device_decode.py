@@ -275,3 +275,29 @@ def test_ddp_input_moving_keeps_the_batch_whole():
     moved, _ = _to_kwargs((batch,), {}, target, False)
     assert moved[0][0] is batch
     assert isinstance(batch[1:], list) and [d["label"] for d in batch] == [0, 1, 2]
+
+
+def test_trainer_trains_and_evaluates_on_the_device_path(tree):
+    """INPUT.CLS_DECODE "device" through the engine's loaders, the model and the evaluator."""
+    from detectron2.modeling import build_model
+
+    from randwire_d2.engine import Trainer
+    from randwire_d2.evaluation import ClassificationEvaluator
+
+    cfg = make_cfg(**{"DATASETS.TRAIN": (tree,), "DATASETS.TEST": (tree,), "SOLVER.IMS_PER_BATCH": 4,
+                      "TEST.IMS_PER_BATCH": 4, "INPUT.CROP_SIZE": 32, "INPUT.RESIZE_SIZE": 36,
+                      "INPUT.CLS_DECODE": "device", "MODEL.RANDWIRE.NUM_CLASSES": 2})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = next(iter(Trainer.build_train_loader(cfg)))
+    assert isinstance(batch, ImageBatch) and batch.images.shape == (4, 3, 32, 32)
+    loss = model(batch)["loss_cls"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    ev = ClassificationEvaluator(tree, distributed=False)
+    ev.reset()
+    with torch.no_grad():
+        for inputs in Trainer.build_test_loader(cfg, tree):
+            ev.process(inputs, model(inputs))
+    assert ev.evaluate()["classification"]["num_images"] == len(_dicts(tree))
