@@ -13,7 +13,8 @@ Sections, in this order, the JSON rewritten after each (a run cut short keeps wh
 4. ``profile``: ``torch.profiler`` over one lean C=109 channels-last step: kernel count,
    GPU busy and idle share of the step's wall time, the top kernels by time.
 5. ``detection``: Faster R-CNN FPN training, RandWire-FPN (configs/randwire_frcnn.yaml,
-   FrozenBN, FREEZE_AT 2) vs detectron2's R50-FPN, 2 images of 800x1216, bf16.
+   FrozenBN, FREEZE_AT 2) vs detectron2's R50-FPN, 2 images of 800x1216, bf16: ms/iter,
+   the training step's peak memory above model, optimizer state and inputs, their ratios.
 6. ``loader``: the classification loader on real JPEGs (foolbox's photos at 500x375), both
    decode paths, the device path decoding on this GPU.
 
@@ -358,13 +359,10 @@ def detection(device, sz, log):
         model = build_model(cfg)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        # train_peak_mem_mb: the training step's peak above model, optimizer state and inputs
         row = bench_detector(name, model, executors[0], "bf16", s, device)
         row.update(images=s.det_batch, size=list(s.det_size), norm=cfg.MODEL.RESNETS.NORM if name == "r50-fpn"
                    else cfg.MODEL.RANDWIRE.NORM, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
-        if device.type == "cuda":
-            row.update(max_memory_allocated_mb=rnd(torch.cuda.max_memory_allocated(device) / 2**20, 1),
-                       max_memory_reserved_mb=rnd(torch.cuda.max_memory_reserved(device) / 2**20, 1))
         rows.append(row)
         log(f"# detection {name}: {row.get('train_ms_iter')} ms/iter, status {row.get('status')}")
         del model
