@@ -230,6 +230,9 @@ def add_classification_config(cfg: CN) -> CN:
       INPUT.CLS_TRAIN_AUG       "random_resized_crop" (ImageNet) or "pad_crop" (small images)
       INPUT.CLS_CROP_SCALE      area range of the random resized crop
       INPUT.CLS_PAD             zero padding of "pad_crop"
+      INPUT.CLS_DECODE          where images are decoded and augmented: "auto" (batched on the GPU
+                                when MODEL.DEVICE is CUDA, else "cpu"), "cpu" (PIL in the loader
+                                workers) or "device" (batched on MODEL.DEVICE; randwire_d2.data.device_decode)
       TEST.IMS_PER_BATCH        evaluation images per process and batch
       DATALOADER.CLS_PREFETCH_FACTOR  batches prefetched per loader worker
     The flip follows detectron2's INPUT.RANDOM_FLIP ("horizontal" / "vertical" / "none").
@@ -250,6 +253,7 @@ def add_classification_config(cfg: CN) -> CN:
     setdefault(cfg.INPUT, "CLS_TRAIN_AUG", "random_resized_crop")
     setdefault(cfg.INPUT, "CLS_CROP_SCALE", (0.08, 1.0))
     setdefault(cfg.INPUT, "CLS_PAD", 4)
+    setdefault(cfg.INPUT, "CLS_DECODE", "auto")
     setdefault(cfg.DATALOADER, "CLS_PREFETCH_FACTOR", 4)
     return cfg
 

@@ -13,6 +13,10 @@ Two numbers predict what a GPU training step pays for, and neither needs a GPU:
   convolutions and element-wise ops are memory-bound on a GPU, so this is what RandWire's
   step time follows; it is an upper bound on DRAM traffic (caches ignored).
 
+* ``ops_per_step``: the non-view ATen ops of the training forward and backward (the
+  optimizer update excluded): the kernel launches of an eager step, what a launch-bound GPU
+  step (small per-GPU batches, detection) pays for.
+
 MB = 1e6 bytes. Both are exact counts for given shapes (the RNG is seeded, so DropPath's
 data-dependent branch is taken the same way every run): two runs agree exactly. Compare a
 model against ResNet-50 measured the same way (``tools/benchmark.py --cost``).
@@ -30,15 +34,18 @@ __all__ = ["ByteCounter", "training_cost"]
 
 
 class ByteCounter(TorchDispatchMode):
-    """Sum of operand and result sizes of every ATen op run under it (views excluded)."""
+    """Sum of operand and result sizes (``bytes``) and number (``ops``) of the ATen ops run
+    under it, views excluded (they launch no kernel and move nothing)."""
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
+        self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not getattr(func, "is_view", False):
+            self.ops += 1
             for t in tree_flatten((args, kwargs or {}, out))[0]:
                 if isinstance(t, torch.Tensor):
                     self.bytes += t.numel() * t.element_size()
@@ -74,15 +81,19 @@ def training_cost(
     loss_fn: Optional[Callable] = None,
     *,
     seed: int = 0,
+    batch: Optional[int] = None,
 ) -> Dict[str, float]:
-    """``saved_mb_per_img`` and ``traffic_mb_per_img`` of one training step of ``model``.
+    """``saved_mb_per_img``, ``traffic_mb_per_img`` and ``ops_per_step`` of one training step.
 
+    ``inputs``: what ``model`` takes (a batch tensor, or e.g. detectron2's list of dicts with
+    ``batch`` images). ``ops_per_step``: non-view ATen ops of the forward and backward (the
+    optimizer update excluded), i.e. kernel launches in eager mode.
     ``loss_fn(model_output) -> scalar``; default: cross entropy against class 0 for a dict
     with "linear" or a tensor of logits. The model is put in training mode and takes one SGD
     step (momentum 0.9, lr 1e-9: the first step allocates the momentum buffers, which a
     real step reads and writes just the same); its gradients are cleared again.
     """
-    batch = inputs.shape[0]
+    batch = batch if batch is not None else (inputs.shape[0] if torch.is_tensor(inputs) else len(inputs))
     if loss_fn is None:
         def loss_fn(out):
             logits = out["linear"] if isinstance(out, dict) else out
@@ -102,7 +113,7 @@ def training_cost(
                 loss = loss_fn(model(inputs))
             saved_bytes = saved.bytes
             loss.backward()
-            fwd_bwd = counter.bytes
+            fwd_bwd, ops = counter.bytes, counter.ops
             if opt is not None:
                 opt.step()
     finally:
@@ -111,4 +122,5 @@ def training_cost(
         "saved_mb_per_img": saved_bytes / 1e6 / batch,
         "traffic_mb_per_img": counter.bytes / 1e6 / batch,
         "traffic_fwd_bwd_mb_per_img": fwd_bwd / 1e6 / batch,
+        "ops_per_step": ops,
     }

@@ -82,3 +82,64 @@ def test_detection_rows_and_ratios(result):
     whats = {x["what"] for x in data["ratios"]}
     assert any(w.startswith("detection train ms/iter") for w in whats)
     assert any(w.startswith("classification train img/s") for w in whats)
+
+
+def test_gpu_suite_smoke_on_cpu_writes_every_section(tmp_path):
+    """`tools/benchmark.py --suite gpu --device cpu --smoke`: the GPU proof's code, at tiny sizes."""
+    from randwire_d2.benchmark.gpu_suite import SECTIONS
+
+    path = tmp_path / "suite.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--suite", "gpu", "--device", "cpu",
+         "--smoke", "--json", str(path)],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(path.read_text())
+    assert data["sections_done"] == list(SECTIONS) and data["smoke"] is True
+    for section in SECTIONS:
+        assert "status" not in data[section] if isinstance(data[section], dict) else True, data[section]
+    env = data["environment"]
+    assert {"torch", "torchvision", "detectron2", "cuda", "cudnn", "nccl", "driver", "device"} <= set(env)
+    checks = data["correctness"]
+    assert [c.get("precision") for c in checks[:3]] == ["fp32", "bf16", "fp16"]
+    assert all(c["ok"] for c in checks), checks
+    assert checks[3]["check"] == "DDP world size 1" and checks[3]["backend"] == "gloo"
+    cls = data["classification"]
+    assert {(r["model"].split("-")[0], r["executor"], r["layout"]) for r in cls} == {
+        ("randwire", "lean", "nchw"), ("randwire", "lean", "channels_last"), ("randwire", "reference", "nchw"),
+        ("randwire", "reference", "channels_last"), ("resnet50", None, "nchw"), ("resnet50", None, "channels_last")}
+    assert all(r["status"] == "ok" and r["img_s"] > 0 and r["precision"] == "bf16" for r in cls)
+    prof = data["profile"]
+    assert prof["kernel_count"] > 100 and prof["top"] and prof["top"][0]["total_ms"] > 0
+    det = {r["model"]: r for r in data["detection"] if "model" in r}
+    assert det["randwire-fpn"]["status"] == "ok" and det["r50-fpn"]["status"] == "ok"
+    assert det["randwire-fpn"]["norm"] == "FrozenBN" and det["randwire-fpn"]["freeze_at"] == 2
+    assert any(r.get("ratio", "").startswith("train_ms_iter") for r in data["detection"])
+    paths = data["loader"]["paths"]
+    assert paths["cpu"]["loader"][0]["img_s"] > 0 and paths["device"]["device_img_s"] > 0
+
+
+def test_gpu_suite_writes_json_after_each_section_and_survives_a_failure(tmp_path, monkeypatch):
+    from randwire_d2.benchmark import gpu_suite
+
+    path = tmp_path / "suite.json"
+    seen = []
+
+    def fake(name):
+        def run(*args):
+            if path.exists():  # what the previous sections wrote is already on disk
+                seen.append((name, json.loads(path.read_text())["sections_done"]))
+            if name == "profile":
+                raise RuntimeError("boom")
+            return {"name": name}
+        return run
+
+    monkeypatch.setattr(gpu_suite, "environment", fake("environment"))
+    for name in gpu_suite.SECTIONS[1:]:
+        monkeypatch.setattr(gpu_suite, name, fake(name))
+    result = gpu_suite.run_gpu_suite(device="cpu", smoke=True, json_path=str(path), log=lambda *_: None)
+    assert result["profile"]["status"] == "error: RuntimeError: boom"
+    assert result["detection"] == {"name": "detection"} and result["loader"] == {"name": "loader"}
+    assert seen[-1] == ("loader", list(gpu_suite.SECTIONS[:-1]))
+    assert json.loads(path.read_text())["sections_done"] == list(gpu_suite.SECTIONS)

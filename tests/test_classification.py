@@ -6,6 +6,7 @@ Real-data checks use (installed by tools/setup.sh):
     (`pip install --no-deps foolbox==3.3.4`; read as files, foolbox is never imported);
   * Debian's dataset-fashion-mnist (`apt-get install -y dataset-fashion-mnist`).
 """
+import collections.abc
 import importlib.util
 import math
 import os
@@ -206,7 +207,7 @@ def test_classification_loaders_imagenet(imagenet_tree):
     seen = []
     for _ in range(8):  # 32 samples of 15 images: the sampler is infinite
         batch = next(it)
-        assert isinstance(batch, list) and len(batch) == 4
+        assert isinstance(batch, collections.abc.Sequence) and len(batch) == 4  # an ImageBatch
         assert all(b["image"].shape == (3, 64, 64) and b["image"].dtype == torch.uint8 for b in batch)
         seen += [b["image_id"] for b in batch]
     assert set(seen) == set(range(15))

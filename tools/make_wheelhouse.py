@@ -27,6 +27,8 @@ PURE_PYTHON = [
     "termcolor", "tabulate", "portalocker", "networkx",
 ]
 BINARY = ["pycocotools"]
+# Real ImageNet JPEGs for the GPU suite's loader section (read as files, never imported).
+TEST_DATA = ["foolbox==3.3.4"]
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_28_x86_64"]
 
 
@@ -45,7 +47,7 @@ def run(*cmd: str) -> None:
 
 def gather_pure_python(out: Path) -> None:
     # pip wheel reuses published wheels and builds the sdist-only ones (fvcore, antlr4).
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), *map(spec, PURE_PYTHON))
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), *map(spec, PURE_PYTHON), *TEST_DATA)
 
 
 def gather_binary(out: Path, python_version: str) -> None:

@@ -20,6 +20,7 @@ Registered names:
 """
 import functools
 import gzip
+import io
 import logging
 import math
 import os
@@ -37,6 +38,14 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler
 
+from .device_decode import (
+    FLIPS,
+    DecodedLoader,
+    DeviceDecoder,
+    ImageBatch,
+    encoded_collator,
+    resolve_decode_device,
+)
 from .resumable import ResumableTrainLoader, training_seed
 
 __all__ = [
@@ -330,6 +339,13 @@ class ClassificationDatasetMapper:
     in-memory ``"image_array"`` (HW gray or HWC RGB uint8; gray is replicated to three
     channels). Nothing else is done per image: normalisation happens on the GPU in
     the model. Unreadable files raise an error naming the file.
+
+    The random draws of an image (crop, padding offset, flip) form its crop plan
+    (:meth:`plan`). With ``decode_device`` (a torch device, or "auto": CUDA when available;
+    from ``INPUT.CLS_DECODE``, see
+    :mod:`randwire_d2.data.device_decode`) the mapper only reads the file and draws the
+    plan; the loader's :class:`~randwire_d2.data.device_decode.DeviceDecoder` decodes and
+    applies it on that device.
     """
 
     @configurable
@@ -345,6 +361,7 @@ class ClassificationDatasetMapper:
         crop_ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
         pad: int = 4,
         flip: str = "horizontal",
+        decode_device: Optional[str] = None,
     ):
         if train_augmentation not in ("random_resized_crop", "pad_crop"):
             raise ValueError(
@@ -369,6 +386,9 @@ class ClassificationDatasetMapper:
         self.crop_ratio = tuple(float(r) for r in crop_ratio)
         self.pad = int(pad)
         self.flip = flip
+        if decode_device == "auto":  # LazyConfig's default: the GPU when there is one
+            decode_device = "cuda" if torch.cuda.is_available() else None
+        self.decode_device = decode_device
 
     @property
     def _rng(self):
@@ -388,6 +408,7 @@ class ClassificationDatasetMapper:
             "crop_scale": tuple(cfg.INPUT.CLS_CROP_SCALE),
             "pad": cfg.INPUT.CLS_PAD,
             "flip": cfg.INPUT.RANDOM_FLIP,
+            "decode_device": resolve_decode_device(cfg.INPUT.get("CLS_DECODE", "cpu"), cfg.MODEL.DEVICE),
         }
 
     # -- decoding
@@ -412,37 +433,76 @@ class ClassificationDatasetMapper:
         return img
 
     # -- transforms
-    def _resize_center_crop(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        scale = self.resize_size / min(w, h)
-        nw, nh = max(self.crop_size, int(round(w * scale))), max(self.crop_size, int(round(h * scale)))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BILINEAR)
-        if (nw, nh) != (self.crop_size, self.crop_size):
-            img = img.crop(_center_crop_box(nw, nh, self.crop_size))
-        return img
+    def plan(self, width: int, height: int):
+        """The crop plan (:data:`~randwire_d2.data.device_decode.CropPlan`) of a ``width`` x
+        ``height`` image, drawing from the mapper's RNG (seeded per image by the loader)."""
+        size = self.crop_size
+        box, shift = (0, 0, width, height), (0, 0)
+        if self.is_train and self.train_augmentation == "random_resized_crop":
+            box = _random_resized_crop_box(width, height, self.crop_scale, self.crop_ratio, self._rng)
+            resized, crop = (size, size), (0, 0)
+        else:  # shorter side to RESIZE_SIZE (at least CROP_SIZE), center crop
+            scale = self.resize_size / min(width, height)
+            resized = (max(size, int(round(width * scale))), max(size, int(round(height * scale))))
+            crop = _center_crop_box(*resized, size)[:2]
+            if self.is_train and self.pad > 0:  # pad_crop: a CROP_SIZE window of the zero-padded crop
+                top, left = self._rng.randint(0, 2 * self.pad), self._rng.randint(0, 2 * self.pad)
+                shift = (left - self.pad, top - self.pad)
+        flip = 0
+        if self.is_train and self.flip != "none" and self._rng.random() < 0.5:
+            flip = FLIPS[self.flip]
+        return (*box, *resized, *crop, *shift, flip)
 
     def transform(self, img: Image.Image) -> np.ndarray:
         """PIL RGB image -> HWC uint8 array of CROP_SIZE x CROP_SIZE."""
+        return self._apply(img, self.plan(*img.size))
+
+    def _apply(self, img: Image.Image, plan) -> np.ndarray:
         size = self.crop_size
-        if not self.is_train:
-            return np.asarray(self._resize_center_crop(img))
-        if self.train_augmentation == "random_resized_crop":
-            box = _random_resized_crop_box(*img.size, self.crop_scale, self.crop_ratio, self._rng)
+        left, top, right, bottom, rw, rh, cx, cy, dx, dy, flip = plan
+        if self.is_train and self.train_augmentation == "random_resized_crop":
             # crop + resize in one resampling pass (antialiased when shrinking)
-            array = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
-        else:  # pad_crop
-            array = np.asarray(self._resize_center_crop(img))
-            if self.pad > 0:
-                p = self.pad
-                array = np.pad(array, ((p, p), (p, p), (0, 0)))
-                top, left = self._rng.randint(0, 2 * p), self._rng.randint(0, 2 * p)
-                array = array[top : top + size, left : left + size]
-        if self.flip != "none" and self._rng.random() < 0.5:
-            array = array[:, ::-1] if self.flip == "horizontal" else array[::-1]
+            array = np.asarray(img.resize((rw, rh), Image.BILINEAR, box=(left, top, right, bottom)))
+        else:
+            if (rw, rh) != img.size:
+                img = img.resize((rw, rh), Image.BILINEAR)
+            if (rw, rh) != (size, size):
+                img = img.crop((cx, cy, cx + size, cy + size))
+            array = np.asarray(img)
+        if self.is_train and self.train_augmentation == "pad_crop" and self.pad > 0:
+            p = self.pad
+            array = np.pad(array, ((p, p), (p, p), (0, 0)))[p + dy : p + dy + size, p + dx : p + dx + size]
+        if flip:
+            array = array[:, ::-1] if flip == FLIPS["horizontal"] else array[::-1]
         return array
 
+    def _encode(self, dataset_dict: Dict) -> Dict:
+        """The device path's worker half: the file's bytes (or, for what is not an RGB/gray
+        JPEG, PIL's pixels) and the crop plan."""
+        out = {k: v for k, v in dataset_dict.items() if k != "image_array"}
+        out["label"] = int(dataset_dict["label"])
+        if "image_array" in dataset_dict:
+            img = self.load_image(dataset_dict)
+        else:
+            path = dataset_dict["file_name"]
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+                img = Image.open(io.BytesIO(raw))  # reads the header only
+                if img.format == "JPEG" and img.mode in ("RGB", "L"):
+                    out["crop_plan"] = self.plan(*img.size)
+                    out["encoded"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+                    return out
+                img = img.convert("RGB")
+            except Exception as exc:  # PIL raises several types for truncated/corrupt files
+                raise ValueError(f"Cannot read image {path!r}: {type(exc).__name__}: {exc}") from exc
+        out["crop_plan"] = self.plan(*img.size)
+        out["pixels"] = torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+        return out
+
     def __call__(self, dataset_dict: Dict) -> Dict:
+        if self.decode_device is not None:
+            return self._encode(dataset_dict)
         array = self.transform(self.load_image(dataset_dict))
         if self.image_format == "BGR":
             array = array[:, :, ::-1]
@@ -515,19 +575,20 @@ def check_classification_datasets(cfg) -> None:
 
 def batch_collator(batch: List[Dict]) -> List[Dict]:
     """Keep detectron2's list-of-dicts batches, but stack equal-size images into one
-    tensor whose rows the dicts view: a worker then hands one shared-memory block per
-    batch to the main process instead of one per image (measured: ~2.5x less transfer
-    overhead per image)."""
-    images = [d["image"] for d in batch]
-    if len(images) < 2 or len({tuple(im.shape) for im in images}) != 1:
+    tensor whose rows the dicts view (an :class:`~randwire_d2.data.device_decode.ImageBatch`):
+    a worker then hands one shared-memory block per batch to the main process instead of
+    one per image (measured: ~2.5x less transfer overhead per image), the loader pins it
+    once, and the model copies it to the GPU in one ``non_blocking`` copy."""
+    if not batch or len({tuple(d["image"].shape) for d in batch}) != 1:
         return batch
-    stacked = torch.stack(images)
-    out = []
-    for i, d in enumerate(batch):
-        d = dict(d)
-        d["image"] = stacked[i]
-        out.append(d)
-    return out
+    return ImageBatch.stack(batch)
+
+
+def _device_decoder(mapper) -> Optional[DeviceDecoder]:
+    device = getattr(mapper, "decode_device", None)
+    if device is None:
+        return None
+    return DeviceDecoder(device, mapper.crop_size, mapper.image_format)
 
 
 def _loader_kwargs(num_workers: int, prefetch_factor: int) -> Dict:
@@ -565,14 +626,16 @@ def classification_train_loader(
     """:func:`build_classification_train_loader` with explicit arguments (LazyConfig)."""
     set_imagenet_root(imagenet_root)
     kwargs = _loader_kwargs(num_workers, prefetch_factor)
+    decoder = _device_decoder(mapper)
     return ResumableTrainLoader(
         classification_dicts(names),
         mapper,
         total_batch_size=total_batch_size,
         seed=seed,
         num_workers=kwargs.pop("num_workers"),
-        collate_fn=batch_collator,
+        collate_fn=batch_collator if decoder is None else encoded_collator,
         loader_kwargs=kwargs,
+        batch_transform=decoder,
     )
 
 
@@ -601,11 +664,13 @@ def classification_test_loader(
     dataset = MapDataset(DatasetFromList(dicts, copy=False), mapper)
     kwargs = _loader_kwargs(num_workers, prefetch_factor)
     kwargs.pop("persistent_workers", None)  # evaluation is periodic: don't pin workers in between
-    return torchdata.DataLoader(
+    decoder = _device_decoder(mapper)
+    loader = torchdata.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=InferenceSampler(len(dataset)),
         drop_last=False,
-        collate_fn=batch_collator,
+        collate_fn=batch_collator if decoder is None else encoded_collator,
         **kwargs,
     )
+    return loader if decoder is None else DecodedLoader(loader, decoder)

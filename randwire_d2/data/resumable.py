@@ -150,6 +150,7 @@ class ResumableTrainLoader:
         aspect_ratio_grouping: bool = False,
         collate_fn=None,
         loader_kwargs: Optional[Dict] = None,
+        batch_transform=None,
     ):
         world = comm.get_world_size()
         if total_batch_size <= 0 or total_batch_size % world:
@@ -172,6 +173,7 @@ class ResumableTrainLoader:
         self._num_workers = int(num_workers)
         self._collate = collate_fn or _first
         self._loader_kwargs = dict(loader_kwargs or {})
+        self._batch_transform = batch_transform  # applied in this process (e.g. decoding on the GPU)
 
     def stream(self) -> GlobalBatchStream:
         return GlobalBatchStream(self._size, self.seed, self.total_batch_size, self._buckets)
@@ -195,7 +197,11 @@ class ResumableTrainLoader:
         loader = torchdata.DataLoader(
             dataset, batch_size=None, num_workers=self._num_workers, collate_fn=_first, generator=generator, **kwargs
         )
-        yield from loader
+        if self._batch_transform is None:
+            yield from loader
+        else:
+            for batch in loader:
+                yield self._batch_transform(batch)
 
 
 def training_seed(cfg) -> int:

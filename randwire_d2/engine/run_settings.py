@@ -30,6 +30,7 @@ CROP_TYPES = ("relative_range", "relative", "absolute", "absolute_range")
 SIZE_SAMPLING = ("choice", "range", "range_by_clipping")
 FORMATS = ("BGR", "RGB")
 CLS_AUGS = ("random_resized_crop", "pad_crop")
+CLS_DECODES = ("auto", "cpu", "device")
 
 
 def _lr_schedulers():
@@ -230,6 +231,8 @@ def _check_classification_input(cfg):
             and 0 < scale[0] <= scale[1] <= 1):
         _fail("INPUT.CLS_CROP_SCALE", scale, "(min, max) with 0 < min <= max <= 1")
     _int(cfg, "INPUT.CLS_PAD", 0)
+    if _has(cfg, "INPUT.CLS_DECODE"):
+        _choice(cfg, "INPUT.CLS_DECODE", CLS_DECODES)
 
 
 def check_run_values(cfg, world_size: int = 1, classification: bool = False) -> None:

@@ -61,17 +61,27 @@ class RandWireClassifier(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> torch.Tensor:
-        images = [x["image"].to(self.device, non_blocking=True) for x in batched_inputs]
-        sizes = {tuple(img.shape) for img in images}
-        if len(sizes) != 1:
-            raise ValueError(f"Classification batches need equal image sizes (crop in the mapper); got {sorted(sizes)}.")
-        images = torch.stack(images).float()
+        stacked = getattr(batched_inputs, "images", None)  # the loaders' ImageBatch: one copy
+        if isinstance(stacked, torch.Tensor):
+            images = stacked.to(self.device, non_blocking=True).float()
+        else:
+            images = [x["image"].to(self.device, non_blocking=True) for x in batched_inputs]
+            sizes = {tuple(img.shape) for img in images}
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"Classification batches need equal image sizes (crop in the mapper); got {sorted(sizes)}."
+                )
+            images = torch.stack(images).float()
         return (images - self.pixel_mean) / self.pixel_std
 
     def forward(self, batched_inputs: List[Dict]):
         logits = self.backbone(self.preprocess_image(batched_inputs))["linear"]
         if self.training:
-            labels = torch.as_tensor([x["label"] for x in batched_inputs], device=logits.device)
+            labels = getattr(batched_inputs, "labels", None)
+            if isinstance(labels, torch.Tensor):
+                labels = labels.to(logits.device, non_blocking=True)
+            else:
+                labels = torch.as_tensor([x["label"] for x in batched_inputs], device=logits.device)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
             return {"loss_cls": loss}
         scores = logits.float().softmax(dim=1)

@@ -25,6 +25,7 @@ dataloader.train = L(classification_train_loader)(
         train_augmentation="random_resized_crop",
         crop_scale=(0.08, 1.0),
         flip="horizontal",
+        decode_device="auto",  # decode + augment batched on the GPU when there is one; None: PIL in workers
     ),
     total_batch_size=256,  # over all GPUs
     seed="${train.seed}",
@@ -36,7 +37,8 @@ dataloader.train = L(classification_train_loader)(
 dataloader.test = L(classification_test_loader)(
     names="imagenet_val",
     mapper=L(ClassificationDatasetMapper)(
-        is_train=False, crop_size=224, resize_size=256, image_format="${...train.mapper.image_format}"
+        is_train=False, crop_size=224, resize_size=256, image_format="${...train.mapper.image_format}",
+        decode_device="${...train.mapper.decode_device}",
     ),
     batch_size=64,  # per GPU process
     num_workers=8,
