@@ -19,6 +19,7 @@ model against ResNet-50 measured the same way (``tools/benchmark.py --cost``).
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Dict, Optional
 
 import torch
@@ -30,15 +31,24 @@ __all__ = ["ByteCounter", "training_cost"]
 
 
 class ByteCounter(TorchDispatchMode):
-    """Sum of operand and result sizes of every ATen op run under it (views excluded)."""
+    """Sum of operand and result sizes of every ATen op run under it, and the op count (views excluded).
 
-    def __init__(self):
+    ``ops``: non-view ATen ops, each at least one kernel launch on a GPU; ``histogram``
+    (``keep_histogram=True``): the count per op name, to see where they go.
+    """
+
+    def __init__(self, keep_histogram: bool = False):
         super().__init__()
         self.bytes = 0
+        self.ops = 0
+        self.histogram: Optional[Counter] = Counter() if keep_histogram else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not getattr(func, "is_view", False):
+            self.ops += 1
+            if self.histogram is not None:
+                self.histogram[str(func.overloadpacket.__name__)] += 1
             for t in tree_flatten((args, kwargs or {}, out))[0]:
                 if isinstance(t, torch.Tensor):
                     self.bytes += t.numel() * t.element_size()
@@ -102,7 +112,7 @@ def training_cost(
                 loss = loss_fn(model(inputs))
             saved_bytes = saved.bytes
             loss.backward()
-            fwd_bwd = counter.bytes
+            fwd_bwd, ops = counter.bytes, counter.ops
             if opt is not None:
                 opt.step()
     finally:
@@ -111,4 +121,5 @@ def training_cost(
         "saved_mb_per_img": saved_bytes / 1e6 / batch,
         "traffic_mb_per_img": counter.bytes / 1e6 / batch,
         "traffic_fwd_bwd_mb_per_img": fwd_bwd / 1e6 / batch,
+        "ops_per_step": ops,
     }
