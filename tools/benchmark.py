@@ -5,9 +5,11 @@
     python tools/benchmark.py --tiny --device cpu --json /tmp/bench.json     # CI size, < 60 s
     python tools/benchmark.py --cost-only --presets regular-c109 --json benchmarks/cost.json
 
-Cost model (``randwire_d2.cost``, any device, no timing): activations kept for backward and
-bytes moved by a training step per image, for every RandWire row and ResNet-50, and their
-ratios -- the device-independent measures to steer by when no GPU is at hand.
+Cost model (``randwire_d2.cost``, any device, no timing): activations kept for backward,
+bytes moved by a training step per image (and by its forward + backward alone) and ATen ops
+(kernel launches) per step, for every RandWire row and ResNet-50, and their ratios -- the
+device-independent measures to steer by when no GPU is at hand. RandWire classifiers train
+with ``--drop-path`` (0.1, the ImageNet recipe's).
 
 What it times
   (a) classification: a training step (forward, label-smoothing-free cross entropy, backward,
@@ -47,7 +49,8 @@ JSON fields (``--json PATH``)
   device                 {type: cpu|cuda, name, threads, capability (cuda)}
   versions               {python, torch, torchvision, detectron2, fvcore}
   settings               {tiny, batch, image_size, det_batch, det_size, warmup, repeats,
-                          precisions, executors, channels_last, tf32_matmul, tf32_cudnn}
+                          precisions, executors, channels_last, compile, cost_batch, cost_only,
+                          drop_path, tf32_matmul, tf32_cudnn}
   classification         list, one row per (model, executor, precision):
       model ("randwire-<preset>" | "resnet50"), preset, regime, channels, nodes, executor
       (null for ResNet-50), precision, status ("ok" | "unsupported" | "error: ..."),
@@ -56,9 +59,10 @@ JSON fields (``--json PATH``)
       infer_ms, infer_img_s, infer_times_ms, infer_peak_mem_mb,
       train_gflop, train_gbytes, train_achieved_tflops, train_achieved_gbs,
       infer_gflop, infer_gbytes, infer_achieved_tflops, infer_achieved_gbs, compiled,
-      saved_mb_per_img, traffic_mb_per_img, traffic_fwd_bwd_mb_per_img (randwire_d2.cost at
-      --cost-batch images, fp32, eager: activations kept for backward and bytes moved by a
-      training step; device-independent, the same for every precision row)
+      saved_mb_per_img, traffic_mb_per_img, traffic_fwd_bwd_mb_per_img, ops_per_step
+      (randwire_d2.cost at --cost-batch images, fp32, eager: activations kept for backward,
+      bytes moved by a training step, and ATen ops of its forward + backward;
+      device-independent, the same for every precision row)
   detection              list, one row per (model, executor, precision):
       model ("randwire-fpn" | "r50-fpn"), executor, precision, status, params_m,
       train_ms_iter, train_times_ms, train_peak_mem_mb, infer_ms_image, infer_times_ms,
@@ -66,7 +70,8 @@ JSON fields (``--json PATH``)
       train_achieved_gbs, infer_gflop, infer_gbytes, infer_achieved_tflops, infer_achieved_gbs
   memory_kind            "cuda_max_memory_allocated" | "cpu_peak_rss_delta" | null
   ratios                 list of {what, executor, precision, randwire, baseline, ratio}:
-                         classification training img/s of regular C=109 / ResNet-50,
+                         classification training img/s of regular C=109 / ResNet-50, the
+                         cost fields of every RandWire row / ResNet-50's,
                          detection train ms/iter and train peak memory RandWire-FPN / R50-FPN
 """
 from __future__ import annotations
@@ -229,7 +234,8 @@ def build_classifiers(args, device):
     for name, (regime, channels, nodes) in presets.items():
         graphs = build_graph_specs(regime, nodes, "WS", {"k": 4, "p": 0.75}, 0)
         torch.manual_seed(0)
-        net = RandWireNet(regime=regime, channels=channels, graphs=graphs, num_classes=1000)
+        net = RandWireNet(regime=regime, channels=channels, graphs=graphs, num_classes=1000,
+                          drop_path=args.drop_path)
         meta = {"model": f"randwire-{name}", "preset": name, "regime": regime,
                 "channels": channels, "nodes": nodes}
         yield meta, net, list(args.executors)
@@ -281,7 +287,7 @@ def apply_executor(module, executor):
 
 def cost_fields(net, executor, args, device):
     """randwire_d2.cost at ``--cost-batch`` images, fp32, eager (None fields when skipped)."""
-    keys = ("saved_mb_per_img", "traffic_mb_per_img", "traffic_fwd_bwd_mb_per_img")
+    keys = ("saved_mb_per_img", "traffic_mb_per_img", "traffic_fwd_bwd_mb_per_img", "ops_per_step")
     if not args.cost_batch:
         return dict.fromkeys(keys)
     from randwire_d2.cost import training_cost
@@ -291,7 +297,7 @@ def cost_fields(net, executor, args, device):
     net.to(device=device, memory_format=torch.contiguous_format)
     x = torch.randn(args.cost_batch, 3, args.image_size, args.image_size, device=device)
     cost = training_cost(net, x)
-    return {k: _r(cost[k], 2) for k in keys}
+    return {k: cost[k] if k == "ops_per_step" else _r(cost[k], 2) for k in keys}
 
 
 def bench_classifier(meta, net, executor, precision, args, device):
@@ -535,7 +541,7 @@ def ratios(cls_rows, det_rows):
         if r["model"] == "resnet50" or b is None or key in seen:
             continue
         seen.add(key)
-        for field in ("saved_mb_per_img", "traffic_mb_per_img"):
+        for field in ("saved_mb_per_img", "traffic_mb_per_img", "traffic_fwd_bwd_mb_per_img", "ops_per_step"):
             if r.get(field) is not None and b.get(field):
                 out.append({"what": f"{field} {r['model']} / resnet50", "executor": r["executor"],
                             "precision": "fp32", "randwire": r[field], "baseline": b[field],
@@ -604,6 +610,8 @@ def parse_args(argv=None):
     ap.add_argument("--cost-batch", type=int, default=4,
                     help="batch of the device-independent cost model (randwire_d2.cost; 0: skip)")
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"of {list(PRESETS)} (ignored with --tiny)")
+    ap.add_argument("--drop-path", type=float, default=0.1,
+                    help="DropPath rate of the RandWire classifiers (0.1: the ImageNet recipe's)")
     ap.add_argument("--channels-last", action="store_true", help="models and inputs in NHWC")
     ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (5; 1 tiny)")
     ap.add_argument("--repeats", type=int, default=None, help="timed iterations, median reported (20; 3 tiny)")
@@ -675,7 +683,7 @@ def main(argv=None):
             "det_batch": args.det_batch, "det_size": list(args.det_size), "warmup": args.warmup,
             "repeats": args.repeats, "precisions": args.precisions, "executors": args.executors,
             "channels_last": args.channels_last, "compile": args.compile, "cost_batch": args.cost_batch,
-            "cost_only": args.cost_only,
+            "cost_only": args.cost_only, "drop_path": args.drop_path,
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         },
