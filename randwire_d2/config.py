@@ -12,6 +12,7 @@ from detectron2.config import CfgNode as CN
 from .graphs import GENERATORS, GraphSpec, specs_from_dict, validate_generator_params
 from .modeling.network import FEATURES, REGIMES, build_graph_specs
 from .modeling.stage import EXECUTORS
+from .precision import resolve_channels_last
 
 NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN", "GN")
 # generator -> {parameter: MODEL.RANDWIRE key}
@@ -43,6 +44,9 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.RECOMPUTE = False
     # torch.compile the RandWire network (the backbone, not the whole detector)
     rw.COMPILE = False
+    # "channels_last" runs the RandWire network and its input in NHWC end to end (cuDNN's fast
+    # depthwise and BN kernels), "contiguous" in NCHW; "auto": channels_last on CUDA only
+    rw.MEMORY_FORMAT = "auto"
     # Loading a checkpoint (MODEL.WEIGHTS, --resume) with a tensor whose shape does not fit
     # the model (another width or preset) is refused, naming it. True: load only the
     # tensors that fit, skipping the others with a warning (detectron2's behaviour).
@@ -57,6 +61,11 @@ def add_randwire_config(cfg: CN) -> CN:
         _C.SOLVER.OPTIMIZER = "SGD"
     if "BETAS" not in _C.SOLVER:
         _C.SOLVER.BETAS = (0.9, 0.999)
+    # training precision (randwire_d2/precision.py): "fp32", "bf16" (autocast, no scaler),
+    # "fp16" (autocast + GradScaler) or "auto": bf16 on CUDA where supported, else fp16 if
+    # SOLVER.AMP.ENABLED, else fp32; fp32 on CPU
+    if "PRECISION" not in _C.SOLVER.AMP:
+        _C.SOLVER.AMP.PRECISION = "auto"
     add_dataset_config(cfg)
     return add_classification_config(cfg)
 
@@ -151,6 +160,7 @@ def randwire_kwargs(cfg: CN) -> dict:
         executor=rw.EXECUTOR,
         recompute=rw.RECOMPUTE,
         compile=rw.COMPILE,
+        channels_last=resolve_channels_last(rw.MEMORY_FORMAT, cfg.MODEL.DEVICE),
     )
 
 

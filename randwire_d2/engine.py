@@ -46,6 +46,7 @@ from .data.custom import (
 )
 from .data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts
 from .errors import TrainingError, hide_console_tracebacks, one_line
+from .precision import PrecisionTrainer, resolve_precision
 from .run_settings import check_run_values
 
 logger = logging.getLogger("randwire_d2")
@@ -228,6 +229,11 @@ class Trainer(DefaultTrainer):
             cfg.freeze()
         with _ddp_for_cpu_models():
             super().__init__(cfg)
+        # detectron2 picked SimpleTrainer or its fp16-only AMPTrainer: train in SOLVER.AMP.PRECISION
+        precision = resolve_precision(cfg)
+        old = self._trainer
+        self._trainer = PrecisionTrainer(old.model, old.data_loader, old.optimizer, precision, cfg.MODEL.DEVICE)
+        logger.info(f"Training precision: {precision} (SOLVER.AMP.PRECISION {cfg.SOLVER.AMP.PRECISION!r}).")
 
     def train(self):
         """detectron2's training loop; an exception becomes a one-line :class:`TrainingError`
@@ -456,6 +462,7 @@ def check_run_settings(cfg, resume: bool = False, world_size: Optional[int] = No
         raise ValueError(f"cfg.MODEL.DEVICE = {device!r} but no CUDA device is available: add MODEL.DEVICE cpu.")
     world = comm.get_world_size() if world_size is None else world_size
     check_run_values(cfg, world_size=world, classification=is_classification(cfg))
+    resolve_precision(cfg)  # names SOLVER.AMP.PRECISION if it is wrong
     weights = cfg.MODEL.WEIGHTS
     resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if weights and "://" not in weights and not os.path.isfile(weights) and not resuming:

@@ -143,9 +143,12 @@ def _edge_dots_(xs: List[torch.Tensor], delta: torch.Tensor, out: torch.Tensor) 
         for x, row in zip(xs, out):
             row.copy_(torch.sum(x * delta, dim=(1, 2, 3), dtype=torch.float32))
         return
-    flat = delta.reshape(batch, -1, 1)
+    # flatten both in delta's memory order (NHWC under channels_last): views, not copies
+    nhwc = not delta.is_contiguous() and delta.is_contiguous(memory_format=torch.channels_last)
+    order = (0, 2, 3, 1) if nhwc else (0, 1, 2, 3)
+    flat = delta.permute(order).reshape(batch, -1, 1)
     for x, row in zip(xs, out):
-        torch.bmm(x.reshape(batch, 1, -1), flat, out=row.view(batch, 1, 1))
+        torch.bmm(x.permute(order).reshape(batch, 1, -1), flat, out=row.view(batch, 1, 1))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -260,7 +263,11 @@ class _InputLevel(torch.autograd.Function):
             del z, g
         # one grouped depthwise backward; channel c*k + j is node j's filter on channel c
         c_in = r.shape[1]
-        grad_int = torch.stack(grad_zs, 2).flatten(1, 2)
+        if r_c.is_contiguous(memory_format=torch.channels_last) and not r_c.is_contiguous():
+            # NHWC: interleave the channels in one copy that stays channels_last
+            grad_int = torch.stack([g.permute(0, 2, 3, 1) for g in grad_zs], -1).flatten(3, 4).permute(0, 3, 1, 2)
+        else:
+            grad_int = torch.stack(grad_zs, 2).flatten(1, 2)
         del grad_zs
         w_int = torch.stack(w_dws, 1).flatten(0, 1)
         grad_r, grad_w_int, _ = _conv_backward(

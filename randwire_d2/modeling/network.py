@@ -124,6 +124,8 @@ class RandWireNet(Backbone):
             (least activation memory, more bytes moved: benchmarks/README.md).
         compile: ``torch.compile`` this network in place (parameter names unchanged); under
             compilation the stages run the reference ops, which inductor fuses.
+        channels_last: parameters and the input in channels_last (NHWC) memory format, so
+            every activation is NHWC end to end.
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class RandWireNet(Backbone):
         executor: str = DEFAULT_EXECUTOR,
         recompute: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         check_executor(executor, recompute)
@@ -194,6 +197,9 @@ class RandWireNet(Backbone):
         if "linear" in out_features:
             self.head = ClassifierHead(prev, num_classes, head_channels=head_channels, norm=norm, dropout=dropout)
         self.freeze(freeze_at)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
         if compile:
             self.compile()
 
@@ -228,6 +234,8 @@ class RandWireNet(Backbone):
                 f"RandWireNet expects (N, {self.stem.conv1.in_channels}, H, W) input, got {tuple(x.shape)}."
             )
         outputs = {}
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if "stem" in self._out_features:
             outputs["stem"] = x
