@@ -10,7 +10,7 @@ from typing import Dict
 from detectron2.config import CfgNode as CN
 
 from .graphs import GENERATORS, GraphSpec, specs_from_dict, validate_generator_params
-from .modeling.network import FEATURES, REGIMES, build_graph_specs
+from .modeling.network import COMPILE_MODES, FEATURES, REGIMES, build_graph_specs
 from .modeling.stage import EXECUTORS
 from .precision import resolve_channels_last
 
@@ -44,6 +44,9 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.RECOMPUTE = False
     # torch.compile the RandWire network (the backbone, not the whole detector)
     rw.COMPILE = False
+    # its torch.compile mode: "default", "reduce-overhead" (CUDA graphs: the step's kernel
+    # launches replayed as one; fixed input sizes, e.g. the ImageNet step) or "max-autotune"
+    rw.COMPILE_MODE = "default"
     # "channels_last" runs the RandWire network and its input in NHWC end to end (cuDNN's fast
     # depthwise and BN kernels), "contiguous" in NCHW; "auto": channels_last on CUDA only
     rw.MEMORY_FORMAT = "auto"
@@ -141,6 +144,7 @@ def randwire_kwargs(cfg: CN) -> dict:
     _check(not rw.RECOMPUTE or rw.EXECUTOR == "lean", "RECOMPUTE", rw.RECOMPUTE,
            f"recompute needs MODEL.RANDWIRE.EXECUTOR 'lean', not {rw.EXECUTOR!r}")
     _check(isinstance(rw.COMPILE, bool), "COMPILE", rw.COMPILE, "true or false")
+    _check(rw.COMPILE_MODE in COMPILE_MODES, "COMPILE_MODE", rw.COMPILE_MODE, f"allowed are {list(COMPILE_MODES)}")
     _check(isinstance(rw.OUT_FEATURES, (list, tuple)), "OUT_FEATURES", rw.OUT_FEATURES,
            f"a list from {list(FEATURES[:-1])}")
     feats = list(rw.OUT_FEATURES)
@@ -160,6 +164,7 @@ def randwire_kwargs(cfg: CN) -> dict:
         executor=rw.EXECUTOR,
         recompute=rw.RECOMPUTE,
         compile=rw.COMPILE,
+        compile_mode=rw.COMPILE_MODE,
         channels_last=resolve_channels_last(rw.MEMORY_FORMAT, cfg.MODEL.DEVICE),
     )
 
