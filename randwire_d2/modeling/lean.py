@@ -23,9 +23,12 @@ add. This executor runs each node as one autograd Function that
 
 Numerics: forward and gradients equal the reference's up to summation order, except that
 the BN weight gradient of a channel whose ``|gamma| < GAMMA_EPS`` loses precision (its
-``x_hat`` cannot be recovered from ``y``): in-place ABN's known limit. Norms other than
-BatchNorm2d (training) and FrozenBN -- GN, SyncBN, naiveSyncBN, BN in eval mode with
-gradients -- run the node with plain autograd ops (same results, the reference's memory).
+``x_hat`` cannot be recovered from ``y``): in-place ABN's known limit. detectron2's
+``naiveSyncBN`` runs the same way across processes (``_sync_batch_norm_*``: one all-reduce of
+the per-channel statistics in forward and of the gradient sums in backward, as its autograd
+does). Norms other than BatchNorm2d / naiveSyncBN (training) and FrozenBN -- GN, torch's
+SyncBN (CUDA-only, so untestable here), BN in eval mode with gradients -- run the node with
+plain autograd ops (same results, the reference's memory).
 
 Kernel launches: per-node scalar work is done once per stage -- the aggregation weights and
 DropPath masks of all nodes in one draw (``RandWireStage.flat_aggregation_weights``, which
@@ -43,7 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
+from detectron2.utils import comm
 
 __all__ = ["GAMMA_EPS", "lean_forward"]
 
@@ -94,6 +98,7 @@ class _StageTape:
         self.edge_offsets, self.num_edges = edge_offsets, num_edges
         self.edge_grad: Optional[torch.Tensor] = None
         self.bn_inputs: Dict[int, tuple] = {}  # node -> (gamma, invstd) from the forward
+        self.sync_count = 0  # synchronised BN: values per channel over all processes
         self._bn_terms: Optional[Dict[int, tuple]] = None
 
     def add(self, u: int, delta: torch.Tensor, w: Optional[torch.Tensor]):
@@ -168,6 +173,8 @@ def _pw_norm_forward(node, v, mode, tape, factor, z, w_pw, gamma, beta):
         )
         tape.bn_inputs[v] = (gamma, invstd)
         return y, None
+    if mode == "sync":
+        return _sync_batch_norm_forward(norm, tape, v, p, gamma, beta), None
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
     shift = norm.bias - norm.running_mean * scale
     scale = scale.reshape(1, -1, 1, 1).to(p.dtype)
@@ -184,6 +191,8 @@ def _pw_norm_backward(mode, tape, v, g, y, scale, beta, z, w_pw, need_gamma, nee
         grad_p, grad_gamma, grad_beta = _bn_backward(
             g, y, weight, None, None, beta, inv, True, 0.0, [True, need_gamma, need_beta],
         )
+    elif mode == "sync":
+        grad_p, grad_gamma, grad_beta = _sync_batch_norm_backward(tape, v, g, y, beta, need_gamma, need_beta)
     else:
         grad_p = g * scale
     del g
@@ -191,6 +200,40 @@ def _pw_norm_backward(mode, tape, v, g, y, scale, beta, z, w_pw, need_gamma, nee
         grad_p, z, w_pw, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, need_w, False],
     )
     return grad_z, grad_w, grad_gamma, grad_beta
+
+
+def _sync_batch_norm_forward(norm, tape, v, p, gamma, beta):
+    """detectron2's NaiveSyncBatchNorm (stats_mode ""): the batch statistics averaged over the
+    processes with one all-reduce of (mean, mean of squares), biased running variance."""
+    var_local, mean = torch.var_mean(p, dim=(0, 2, 3), correction=0)
+    stats = torch.cat([mean, var_local.addcmul_(mean, mean)]).float()  # (mean, E[p^2]) per channel
+    torch.distributed.all_reduce(stats)
+    mean, meansqr = stats.mul_(1.0 / comm.get_world_size()).split(p.shape[1])
+    var = torch.addcmul(meansqr, mean, mean, value=-1)
+    torch.lerp(norm.running_mean, mean, norm.momentum, out=norm.running_mean)
+    torch.lerp(norm.running_var, var, norm.momentum, out=norm.running_var)
+    tape.bn_inputs[v] = (gamma, (var + norm.eps).rsqrt_())
+    tape.sync_count = p.numel() // p.shape[1] * comm.get_world_size()
+    # normalise with the global statistics: BN's inference formula, one kernel
+    return torch.native_batch_norm(p, gamma, beta, mean, var, False, 0.0, norm.eps)[0]
+
+
+def _sync_batch_norm_backward(tape, v, g, y, beta, need_gamma, need_beta):
+    """Synchronised BN backward from the output: the local sums of g and g * x_hat (which are
+    also the local gamma / beta gradients) all-reduced, then
+    grad_p = gamma * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) over the global batch."""
+    weight, inv = tape.bn_terms(v)  # gamma^2 * invstd (sign-safe), 1/gamma
+    _, sum_gx, sum_g = _bn_backward(g, y, weight, None, None, beta, inv, True, 0.0, [False, True, True])
+    sums = torch.cat([sum_g, sum_gx]).float()
+    torch.distributed.all_reduce(sums)
+    mean_g, mean_gx = sums.mul_(1.0 / tape.sync_count).split(g.shape[1])
+    scale = weight * inv  # gamma * invstd
+    slope = -(scale * mean_gx * inv)  # x_hat = (y - beta) * inv, folded into per-channel terms
+    shift = -(scale * mean_g) - slope * beta
+    shape = (1, -1, 1, 1)
+    grad_p = torch.addcmul(shift.reshape(shape).to(g.dtype), g, scale.reshape(shape).to(g.dtype))
+    grad_p.addcmul_(y, slope.reshape(shape).to(g.dtype))
+    return grad_p, sum_gx if need_gamma else None, sum_g if need_beta else None
 
 
 def _depthwise(a, w_dw, stride):
@@ -358,8 +401,12 @@ class _NodeFunction(torch.autograd.Function):
 
 def _mode(node) -> Optional[str]:
     norm = node.conv_pw.norm
-    if type(norm) is nn.BatchNorm2d and norm.training and norm.affine and norm.track_running_stats:
+    trainable = norm.training and norm.affine and norm.track_running_stats
+    if type(norm) is nn.BatchNorm2d and trainable:
         return "batch"
+    if type(norm) is NaiveSyncBatchNorm and trainable and norm._stats_mode == "" and norm.momentum is not None:
+        # one process: NaiveSyncBatchNorm is BatchNorm2d
+        return "sync" if comm.get_world_size() > 1 else "batch"
     if isinstance(norm, FrozenBatchNorm2d):
         return "affine"
     return None
@@ -371,7 +418,7 @@ def _needs_grad(stage, x: torch.Tensor) -> bool:
 
 def _norm_affine(node, mode):
     norm = node.conv_pw.norm
-    return (norm.weight, norm.bias) if mode == "batch" else (None, None)
+    return (norm.weight, norm.bias) if mode in ("batch", "sync") else (None, None)
 
 
 def _plain_forward(stage, x: torch.Tensor, grad: bool) -> Dict[int, torch.Tensor]:
