@@ -355,3 +355,21 @@ def test_reduce_overhead_training_steps_on_cuda_match_eager():
             grads.append((loss.detach().clone(), [p.grad.clone() for p in net.parameters()]))
         assert rel_err(grads[0][0], grads[1][0]) < 1e-3
         assert max(rel_err(a, b) for a, b in zip(grads[0][1], grads[1][1])) < 1e-2
+
+
+def test_edge_gradients_are_matmuls_into_one_buffer():
+    """The aggregation weights' gradients: one bmm per edge written into the stage's buffer --
+    no per-edge product tensor, no per-node stack -- and one concatenation per stage."""
+    from randwire_d2.cost import ByteCounter
+
+    spec = generate_graph("WS", 12, 0, **GENERATORS["WS"])
+    _, fast = pair(spec, 4, 6, "lean", drop_path=0.2)
+    x = torch.randn(2, 4, 10, 10)
+    out = fast.train()(x)
+    with ByteCounter(keep_histogram=True) as counter:
+        out.backward(torch.ones_like(out))
+    hist = counter.histogram
+    assert hist["bmm"] == sum(fast.edge_counts)
+    assert hist["stack"] == 2 + 2  # BN terms (gamma, invstd); input level (gradients, filters)
+    assert hist["cat"] == 1  # the edge rows of the stage, once
+    assert hist["mul"] < sum(fast.edge_counts)  # edge products: the gradient tape's first adds only
