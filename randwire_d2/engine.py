@@ -222,7 +222,8 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         if _amp_needs_cuda(cfg):  # setup() already did this (and said so) for train_net runs
-            logger.warning("SOLVER.AMP.ENABLED is set but the model is not on CUDA: training in fp32.")
+            logger.warning("SOLVER.AMP.ENABLED is set but the model is not on CUDA: SOLVER.AMP.PRECISION "
+                           "decides ('auto': fp32 on CPU).")
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SOLVER.AMP.ENABLED = False
@@ -505,7 +506,7 @@ DERIVED = {
     "SOLVER.WARMUP_ITERS": "SOLVER.WARMUP_EPOCHS",
     "SOLVER.CHECKPOINT_PERIOD": "SOLVER.CHECKPOINT_EPOCHS",
     "TEST.EVAL_PERIOD": "TEST.EVAL_EPOCHS",
-    "SOLVER.AMP.ENABLED": "no CUDA device: training in fp32",
+    "SOLVER.AMP.ENABLED": "no CUDA device: SOLVER.AMP.PRECISION 'auto' trains in fp32 on CPU",
 }
 
 
