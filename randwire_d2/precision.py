@@ -33,19 +33,24 @@ def _device_type(device) -> str:
 
 def resolve_precision(cfg) -> str:
     """"fp32", "bf16" or "fp16" from cfg.SOLVER.AMP.PRECISION (names the key when it is wrong)."""
-    value = cfg.SOLVER.AMP.get("PRECISION", "auto")
+    return precision_for(cfg.SOLVER.AMP.get("PRECISION", "auto"), cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED,
+                         "cfg.SOLVER.AMP.PRECISION")
+
+
+def precision_for(value: str, device, amp_enabled: bool, key: str) -> str:
+    """The precision a training step runs in; ``key`` names the setting in errors."""
     if value not in PRECISIONS:
-        raise ValueError(f"cfg.SOLVER.AMP.PRECISION = {value!r} is invalid: allowed are {list(PRECISIONS)}.")
-    cuda = _device_type(cfg.MODEL.DEVICE) == "cuda" and torch.cuda.is_available()
+        raise ValueError(f"{key} = {value!r} is invalid: allowed are {list(PRECISIONS)}.")
+    cuda = _device_type(device) == "cuda" and torch.cuda.is_available()
     if value == "auto":
         if not cuda:
             return "fp32"
         if torch.cuda.is_bf16_supported():
             return "bf16"
-        return "fp16" if cfg.SOLVER.AMP.ENABLED else "fp32"
+        return "fp16" if amp_enabled else "fp32"
     if value == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ValueError(
-            f"cfg.SOLVER.AMP.PRECISION = 'bf16' but {torch.cuda.get_device_name()} has no bfloat16 "
+            f"{key} = 'bf16' but {torch.cuda.get_device_name()} has no bfloat16 "
             "support: use 'fp16' (with a gradient scaler) or 'fp32'."
         )
     return value

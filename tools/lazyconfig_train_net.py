@@ -30,8 +30,6 @@ import randwire_d2  # noqa: E402,F401  (registers datasets and components)
 import torch  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.engine import (  # noqa: E402
-    AMPTrainer,
-    SimpleTrainer,
     default_argument_parser,
     default_setup,
     default_writers,
@@ -43,6 +41,7 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.registry import locate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from randwire_d2.checkpoint import RandWireCheckpointer  # noqa: E402
+from randwire_d2.precision import PrecisionTrainer, precision_for  # noqa: E402
 from randwire_d2.data.resumable import ResumableTrainLoader  # noqa: E402
 from randwire_d2.engine import (  # noqa: E402
     ExactResumeHook,
@@ -133,9 +132,15 @@ def check_train_settings(cfg, resume: bool = False) -> None:
                     f"{path}.freeze_at=0."
                 )
     if cfg.train.amp.enabled and not device.startswith("cuda"):
-        # detectron2's AMPTrainer requires CUDA; keep the run going in fp32
-        logger.warning("train.amp.enabled is set but train.device is not CUDA: training in fp32.")
+        logger.warning("train.amp.enabled is set but train.device is not CUDA: train.amp.precision decides "
+                       "('auto': fp32 on CPU).")
         cfg.train.amp.enabled = False
+    train_precision(cfg)  # names train.amp.precision if it is wrong
+
+
+def train_precision(cfg) -> str:
+    return precision_for(cfg.train.amp.get("precision", "auto"), cfg.train.device, cfg.train.amp.enabled,
+                         "train.amp.precision")
 
 
 def do_test(cfg, model):
@@ -166,8 +171,8 @@ def do_train(args, cfg):
 
     with _ddp_for_cpu_models():
         model = create_ddp_model(model, **cfg.train.ddp)
-    trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
-    trainer = trainer_cls(model=model, data_loader=train_loader, optimizer=optim)
+    # train.amp.precision (randwire_d2/precision.py): detectron2's AMPTrainer knows only fp16
+    trainer = PrecisionTrainer(model, train_loader, optim, train_precision(cfg), cfg.train.device)
     checkpointer = RandWireCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     if isinstance(train_loader, ResumableTrainLoader):
         resume_hook = ExactResumeHook(loader=train_loader)
