@@ -401,10 +401,13 @@ class _NodeFunction(torch.autograd.Function):
 
 def _mode(node) -> Optional[str]:
     norm = node.conv_pw.norm
-    trainable = norm.training and norm.affine and norm.track_running_stats
-    if type(norm) is nn.BatchNorm2d and trainable:
-        return "batch"
-    if type(norm) is NaiveSyncBatchNorm and trainable and norm._stats_mode == "" and norm.momentum is not None:
+    if type(norm) in (nn.BatchNorm2d, NaiveSyncBatchNorm):
+        if not (norm.training and norm.affine and norm.track_running_stats):
+            return None
+        if type(norm) is nn.BatchNorm2d:
+            return "batch"
+        if norm._stats_mode != "" or norm.momentum is None:
+            return None
         # one process: NaiveSyncBatchNorm is BatchNorm2d
         return "sync" if comm.get_world_size() > 1 else "batch"
     if isinstance(norm, FrozenBatchNorm2d):
@@ -421,8 +424,9 @@ def _norm_affine(node, mode):
     return (norm.weight, norm.bias) if mode in ("batch", "sync") else (None, None)
 
 
-def _plain_forward(stage, x: torch.Tensor, grad: bool) -> Dict[int, torch.Tensor]:
-    """Inference, or norms without a lean path (GN, SyncBN): plain ops; no-grad sums in place."""
+def _plain_input_level(stage, x: torch.Tensor):
+    """Inference, or norms without a lean path (GN, SyncBN): the input level in plain ops;
+    returns its outputs and every node's aggregation weights."""
     graph = stage.graph
     weights = stage.aggregation_weights(x.shape[0], x.device)
     live: Dict[int, torch.Tensor] = {}
@@ -461,7 +465,7 @@ def lean_forward(stage, x: torch.Tensor) -> torch.Tensor:
                 inputs, factors)
         live = dict(zip(inputs, _InputLevel.apply(call, x, *params)))
     else:
-        live, weights = _plain_forward(stage, x, grad)
+        live, weights = _plain_input_level(stage, x)
     total, fresh = None, False
     for v in graph.topological_order:
         preds = graph.predecessors[v]
