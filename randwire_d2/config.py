@@ -12,11 +12,16 @@ from detectron2.config import CfgNode as CN
 from .graphs import GENERATORS, GraphSpec, specs_from_dict, validate_generator_params
 from .modeling.network import COMPILE_MODES, FEATURES, REGIMES, build_graph_specs
 from .modeling.stage import EXECUTORS
-from .precision import resolve_channels_last
 
 NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN", "GN")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # generator -> {parameter: MODEL.RANDWIRE key}
 GENERATOR_KEYS = {"WS": {"k": "WS_K", "p": "WS_P"}, "ER": {"p": "ER_P"}, "BA": {"m": "BA_M"}}
+CLASSIFIER = "RandWireClassifier"  # the classification meta-architecture
+
+
+def is_classification(cfg: CN) -> bool:
+    return cfg.MODEL.META_ARCHITECTURE == CLASSIFIER
 
 
 def add_randwire_config(cfg: CN) -> CN:
@@ -64,7 +69,7 @@ def add_randwire_config(cfg: CN) -> CN:
         _C.SOLVER.OPTIMIZER = "SGD"
     if "BETAS" not in _C.SOLVER:
         _C.SOLVER.BETAS = (0.9, 0.999)
-    # training precision (randwire_d2/precision.py): "fp32", "bf16" (autocast, no scaler),
+    # training precision (randwire_d2/engine/precision.py): "fp32", "bf16" (autocast, no scaler),
     # "fp16" (autocast + GradScaler) or "auto": bf16 on CUDA where supported, else fp16 if
     # SOLVER.AMP.ENABLED, else fp32; fp32 on CPU
     if "PRECISION" not in _C.SOLVER.AMP:
@@ -83,6 +88,17 @@ def add_dataset_config(cfg: CN) -> CN:
     if "VOC" not in cfg.DATASETS:
         cfg.DATASETS.VOC = []
     return cfg
+
+
+def resolve_channels_last(memory_format: str, device) -> bool:
+    """MODEL.RANDWIRE.MEMORY_FORMAT -> whether the RandWire network runs in channels_last."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(
+            f"cfg.MODEL.RANDWIRE.MEMORY_FORMAT = {memory_format!r} is invalid: allowed are {list(MEMORY_FORMATS)}."
+        )
+    if memory_format == "auto":  # cuDNN's fast depthwise and BN kernels are NHWC ones
+        return str(device).startswith("cuda")
+    return memory_format == "channels_last"
 
 
 def _check(cond: bool, key: str, value, allowed: str):

@@ -1,16 +1,13 @@
 """A missing builtin dataset (COCO under $DETECTRON2_DATASETS) says where it is read from."""
 import os
-import sys
 
 import pytest
 
 from detectron2.data import MetadataCatalog
-from randwire_d2.engine import Trainer, builtin_dataset_hint
+from randwire_d2.engine import Trainer, builtin_dataset_hint, lazyconfig_train_net
 
 from conftest import REPO, tiny_detection_cfg
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import lazyconfig_train_net  # noqa: E402
 
 COCO_VAL = MetadataCatalog.get("coco_2017_val").json_file
 

@@ -28,7 +28,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_lr_scheduler  # noqa: E402
-from randwire_d2.launch import shutdown_process_group  # noqa: E402
+from randwire_d2.engine.launch import shutdown_process_group  # noqa: E402
 from randwire_d2.config import add_classification_config, add_randwire_config  # noqa: E402
 from randwire_d2.data.classification import (  # noqa: E402
     ClassificationDatasetMapper,

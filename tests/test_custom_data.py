@@ -20,12 +20,10 @@ from randwire_d2.checkpoint import RandWireCheckpointer
 from randwire_d2.data.custom import check_dataset_classes, load_voc_detection, register_custom_datasets
 from randwire_d2.data.demo import DEMO_CLASSES, generate_demo_dataset
 from randwire_d2.data.validation import DataError
-from randwire_d2.engine import Trainer, setup, setup_cfg, write_results
+from randwire_d2.engine import Trainer, setup, setup_cfg, train_net, write_results
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import train_net  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("randwire_tools_demo", os.path.join(REPO, "tools", "demo.py"))
 demo_tool = importlib.util.module_from_spec(_spec)  # tools/demo.py (not the generic name "demo")

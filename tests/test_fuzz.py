@@ -350,7 +350,7 @@ def test_fuzz_run_settings(tmp_path, fuzz_folders):
 
 def _fuzz_run_settings(tmp_path, fuzz_folders):
     from randwire_d2.engine import check_run_settings
-    from randwire_d2.errors import one_line
+    from randwire_d2.engine.errors import one_line
 
     rng = random.Random(20261201)
     image = str(fuzz_folders / "train" / "a" / "0.png")

@@ -4,7 +4,6 @@ weights after training), with graph specs in every checkpoint and exact resume."
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -16,14 +15,11 @@ from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from randwire_d2.checkpoint import GRAPHS_KEY, graph_specs_of
 from randwire_d2.data.demo import register_demo_datasets
-from randwire_d2.engine import RESULTS_FILE, setup_cfg
+from randwire_d2.engine import RESULTS_FILE, lazyconfig_train_net, setup_cfg, train_net
 from randwire_d2.graphs import specs_from_dict
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import lazyconfig_train_net  # noqa: E402
-import train_net  # noqa: E402
 
 TWINS = [  # yaml, LazyConfig
     ("configs/demo/randwire_frcnn_demo.yaml", "configs/lazy/demo/randwire_frcnn_demo.py"),

@@ -1,4 +1,4 @@
-"""Precision and memory format (randwire_d2/precision.py): channels_last equals NCHW, bf16 autocast
+"""Precision and memory format (randwire_d2/engine/precision.py, MODEL.RANDWIRE.MEMORY_FORMAT): channels_last equals NCHW, bf16 autocast
 of the lean executor is as close to fp32 as the reference's, PrecisionTrainer trains in the
 precision it is given, and bad settings name their key."""
 import copy
@@ -13,7 +13,8 @@ from detectron2.utils.events import EventStorage
 from randwire_d2.config import add_randwire_config, randwire_kwargs
 from randwire_d2.modeling.network import RandWireNet, build_graph_specs
 from randwire_d2.modeling.stage import RandWireStage, set_executor
-from randwire_d2.precision import PrecisionTrainer, resolve_channels_last, resolve_precision
+from randwire_d2.config import resolve_channels_last
+from randwire_d2.engine.precision import PrecisionTrainer, resolve_precision
 
 from conftest import perturb_
 

@@ -5,6 +5,7 @@ Select with ``-k "resume or distributed or mismatch or corrupt or fuzz"``. Every
 on CPU with tiny models (C=16, N=10, 64 px images) and a few iterations.
 """
 import errno
+import importlib
 import io
 import json
 import math
@@ -26,13 +27,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
+from detectron2.utils import comm
 
 from conftest import REPO, tiny_detection_cfg
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import train_net  # noqa: E402
-from randwire_d2.launch import shutdown_process_group  # noqa: E402
+from randwire_d2.engine.launch import shutdown_process_group  # noqa: E402
 from randwire_d2 import engine  # noqa: E402
 from randwire_d2.checkpoint import GRAPHS_KEY, RandWireCheckpointer, graph_specs_of, read_graph_specs  # noqa: E402
 from randwire_d2.data.classification import register_image_folder  # noqa: E402
@@ -40,6 +39,7 @@ from randwire_d2.data.demo import ensure_demo_dataset, register_demo_datasets  #
 from randwire_d2.data.validation import DataError, SafeDatasetMapper, sanitize_detection_dicts  # noqa: E402
 from randwire_d2.data import resumable  # noqa: E402
 from randwire_d2.data.resumable import GlobalBatchStream, _RankBatches  # noqa: E402
+from randwire_d2.engine import train_net  # noqa: E402
 from randwire_d2.engine import (  # noqa: E402
     Trainer,
     check_run_settings,
@@ -379,10 +379,10 @@ def test_distributed_two_cpu_processes_match_one(data, tmp_path, task):
     """2 gloo processes x 2 images == 1 process x 4 images (same global batches, naiveSyncBN,
     loss normalisers independent of the split). Also: DDP + naiveSyncBN on CPU works.
 
-    Detection: two forked workers through randwire_d2.launch's CPU worker (process group,
+    Detection: two forked workers through randwire_d2.engine.launch's CPU worker (process group,
     detectron2's local group, DDP of a CPU model). Classification: the whole command line,
     ``tools/train_net.py --num-gpus 2 MODEL.DEVICE cpu`` (spawned workers)."""
-    from randwire_d2 import launch as launch_mod
+    launch_mod = importlib.import_module("randwire_d2.engine.launch")  # the attribute is the function
 
     make = det_opts if task == "detection" else cls_opts
     # a moderate LR: at 0.05 the tiny classifier amplifies float rounding differences
@@ -421,7 +421,7 @@ def test_distributed_syncbn_on_cpu_is_refused_with_advice(monkeypatch):
     """torch's SyncBatchNorm is CUDA-only (it raises on CPU inputs in a process group):
     a multi-process CPU run with SyncBN is refused up front, naming the key and naiveSyncBN."""
     cfg = tiny_detection_cfg("configs/randwire_frcnn.yaml", "MODEL.RANDWIRE.NORM", "SyncBN")
-    monkeypatch.setattr(engine.comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
     with pytest.raises(ValueError, match="MODEL.RANDWIRE.NORM.*naiveSyncBN"):
         check_run_settings(cfg)
     cfg.MODEL.RANDWIRE.NORM = "naiveSyncBN"
@@ -444,7 +444,7 @@ def test_distributed_torch_syncbn_needs_gpu(tmp_path):
 
 
 def test_distributed_launch_single_process_and_bad_args():
-    from randwire_d2.launch import launch
+    from randwire_d2.engine.launch import launch
 
     assert launch(lambda x: x + 1, 1, args=(41,), device="cpu") == 42
     with pytest.raises(ValueError, match="dist-url"):
@@ -688,7 +688,7 @@ def test_corrupt_missing_or_unreadable_images_error_names_file(tmp_path):
 
 
 def test_corrupt_nonfinite_loss_stops_training_naming_iteration(data, tmp_path):
-    from randwire_d2.errors import TrainingError
+    from randwire_d2.engine.errors import TrainingError
 
     config, opts = cls_opts(tmp_path / "out", max_iter=6, period=1)
     args = default_argument_parser().parse_args(_argv(config, opts))
@@ -769,7 +769,7 @@ def test_lifecycle_sigkill_of_launcher_kills_workers_and_resume_takes_stale_lock
     """SIGKILL the launcher of a real 2-process CPU run: no worker survives, nothing writes
     into OUTPUT_DIR afterwards, the lock it leaves is detected as stale, and an immediate
     --resume (default --dist-url: a free port, not the fixed one) takes it over and finishes."""
-    from randwire_d2.output_dir import LOCK_NAME, OutputDirLock, lock_owner_status
+    from randwire_d2.engine.output_dir import LOCK_NAME, OutputDirLock, lock_owner_status
 
     config, opts = cls_opts(tmp_path / "out", max_iter=100000, period=1)
     out = opts["OUTPUT_DIR"]
@@ -817,7 +817,7 @@ def _error_lines(stderr):
 
 
 def test_lifecycle_lock_refuses_a_live_owner_and_an_unverifiable_host(data, tmp_path):
-    from randwire_d2.output_dir import LOCK_NAME, OutputDirLock, RunLockError
+    from randwire_d2.engine.output_dir import LOCK_NAME, OutputDirLock, RunLockError
 
     config, opts = cls_opts(tmp_path / "out", max_iter=2)
     args = train_net.argument_parser().parse_args(_argv(config, opts))
@@ -839,7 +839,7 @@ def test_lifecycle_lock_refuses_a_live_owner_and_an_unverifiable_host(data, tmp_
 
 
 def test_lifecycle_port_in_use_is_refused_and_default_url_picks_a_free_port():
-    from randwire_d2.launch import launch
+    from randwire_d2.engine.launch import launch
 
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -864,8 +864,8 @@ def _fail_on_rank_1(tag):
 
 
 def test_lifecycle_worker_error_comes_back_as_one_line():
-    from randwire_d2.errors import WorkerError
-    from randwire_d2.launch import launch
+    from randwire_d2.engine.errors import WorkerError
+    from randwire_d2.engine.launch import launch
 
     with pytest.raises(WorkerError) as err:
         launch(_fail_on_rank_1, 2, args=("x",), device="cpu")
@@ -1038,7 +1038,7 @@ def test_errors_during_training_are_one_line_with_iteration_and_traceback_in_log
 
 
 def test_errors_disk_full_during_checkpoint_keeps_last_good_one(data, tmp_path, monkeypatch):
-    from randwire_d2.errors import TrainingError
+    from randwire_d2.engine.errors import TrainingError
 
     config, opts = cls_opts(tmp_path / "out", max_iter=6, period=2)
     real_save = torch.save
@@ -1062,7 +1062,7 @@ def test_errors_disk_full_during_checkpoint_keeps_last_good_one(data, tmp_path, 
 
 
 def test_errors_corrupt_image_during_training_names_file_and_iteration(data, tmp_path):
-    from randwire_d2.errors import TrainingError
+    from randwire_d2.engine.errors import TrainingError
 
     root = tmp_path / "imgs"
     _image_folder(root, ["dark", "bright"], n=2)
@@ -1095,7 +1095,7 @@ def test_errors_overridden_settings_reported_after_logging_starts(data, tmp_path
 @pytest.mark.parametrize("precision,dtype", [("auto", None), ("bf16", torch.bfloat16)])
 def test_trainer_trains_in_the_configured_precision(data, tmp_path, precision, dtype):
     """SOLVER.AMP.PRECISION reaches the training step (auto on CPU: fp32; bf16: CPU autocast)."""
-    from randwire_d2.precision import PrecisionTrainer
+    from randwire_d2.engine.precision import PrecisionTrainer
 
     config, opts = cls_opts(tmp_path / "out", max_iter=2, **{"SOLVER.AMP.PRECISION": precision})
     cfg = engine.setup(default_argument_parser().parse_args(_argv(config, opts)))

@@ -10,7 +10,7 @@ import socket
 import torch
 
 from randwire_d2.graphs import generate_graph
-from randwire_d2.launch import shutdown_process_group
+from randwire_d2.engine.launch import shutdown_process_group
 from randwire_d2.modeling.stage import RandWireStage, set_executor
 
 from conftest import perturb_

@@ -9,9 +9,11 @@ import torch
 
 from detectron2.data import DatasetCatalog
 
-from .engine import check_run_settings, derive_settings, is_classification
+from ..config import is_classification
+from .defaults import derive_settings
 from .errors import one_line
 from .launch import uses_cuda
+from .run_settings import check_run_settings
 
 __all__ = ["check_before_launch", "check_output_dir_writable"]
 
@@ -53,7 +55,7 @@ def _check_datasets(cfg, eval_only: bool) -> None:
 
 def _check_model(cfg) -> None:
     if is_classification(cfg) or str(cfg.MODEL.BACKBONE.NAME).startswith("build_randwire"):
-        from .config import randwire_kwargs
+        from ..config import randwire_kwargs
 
         randwire_kwargs(cfg)  # MODEL.RANDWIRE.*, graph files
 
@@ -66,7 +68,7 @@ def check_before_launch(cfg, args) -> None:
     _check_datasets(cfg, args.eval_only)
     check_output_dir_writable(cfg.OUTPUT_DIR)
     if is_classification(cfg):
-        from .data.classification import check_classification_datasets
+        from ..data.classification import check_classification_datasets
 
         if not args.eval_only:
             derive_settings(cfg.clone())  # epoch schedules: lists the training data

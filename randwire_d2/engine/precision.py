@@ -1,4 +1,4 @@
-"""Training precision and memory format: SOLVER.AMP.PRECISION and MODEL.RANDWIRE.MEMORY_FORMAT.
+"""Training precision: SOLVER.AMP.PRECISION (yaml) and train.amp.precision (LazyConfig).
 
 detectron2 v0.6's AMPTrainer hard-codes fp16 autocast with a GradScaler (and needs CUDA);
 the GPU benchmarks measure bf16. :class:`PrecisionTrainer` runs a training step in the
@@ -10,8 +10,8 @@ chosen precision on detectron2 v0.6 and HEAD alike:
   "grad_scaler", as detectron2's AMPTrainer does).
 
 ``auto`` (the default): bf16 on a CUDA device that supports it, else fp16 if
-SOLVER.AMP.ENABLED, else fp32; always fp32 on CPU. MODEL.RANDWIRE.MEMORY_FORMAT ``auto``:
-channels_last on CUDA (cuDNN's fast depthwise and BN kernels), contiguous on CPU.
+SOLVER.AMP.ENABLED, else fp32; always fp32 on CPU. (The memory format, a model setting, is
+``MODEL.RANDWIRE.MEMORY_FORMAT``: ``randwire_d2.config.resolve_channels_last``.)
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from detectron2.engine import SimpleTrainer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 def _device_type(device) -> str:
@@ -54,17 +53,6 @@ def precision_for(value: str, device, amp_enabled: bool, key: str) -> str:
             "support: use 'fp16' (with a gradient scaler) or 'fp32'."
         )
     return value
-
-
-def resolve_channels_last(memory_format: str, device) -> bool:
-    """MODEL.RANDWIRE.MEMORY_FORMAT -> whether the RandWire network runs in channels_last."""
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(
-            f"cfg.MODEL.RANDWIRE.MEMORY_FORMAT = {memory_format!r} is invalid: allowed are {list(MEMORY_FORMATS)}."
-        )
-    if memory_format == "auto":
-        return _device_type(device) == "cuda"
-    return memory_format == "channels_last"
 
 
 class PrecisionTrainer(SimpleTrainer):

@@ -6,11 +6,22 @@ the DataLoader, an unknown scheduler name, ...).
 
 Only what this plugin's training path consumes is checked; keys it ignores (test-time
 augmentation of classification, keypoint settings, ...) are left alone.
+:func:`check_run_settings` adds the checks that look beyond the values (the device,
+MODEL.WEIGHTS on disk, norms a multi-process CPU run cannot use, FrozenBN from scratch).
 """
 import math
+import os
 from functools import reduce
+from typing import Optional
 
-__all__ = ["check_run_values"]
+import torch
+
+from detectron2.utils import comm
+
+from ..config import is_classification
+from .precision import resolve_precision
+
+__all__ = ["amp_needs_cuda", "check_run_settings", "check_run_values"]
 
 WARMUP_METHODS = ("linear", "constant")
 OPTIMIZERS = ("SGD", "AdamW")
@@ -230,3 +241,49 @@ def check_run_values(cfg, world_size: int = 1, classification: bool = False) -> 
         _check_classification_input(cfg)
     else:
         _check_detection_input(cfg)
+
+
+def check_run_settings(cfg, resume: bool = False, world_size: Optional[int] = None) -> None:
+    """Refuse settings that would fail deep inside torch or train a broken model.
+    ``world_size``: the number of processes (default: the current process group's)."""
+    device = str(cfg.MODEL.DEVICE)
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"cfg.MODEL.DEVICE = {device!r} is invalid: 'cpu', 'cuda' or 'cuda:N'.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"cfg.MODEL.DEVICE = {device!r} but no CUDA device is available: add MODEL.DEVICE cpu.")
+    world = comm.get_world_size() if world_size is None else world_size
+    check_run_values(cfg, world_size=world, classification=is_classification(cfg))
+    resolve_precision(cfg)  # names SOLVER.AMP.PRECISION if it is wrong
+    weights = cfg.MODEL.WEIGHTS
+    resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if weights and "://" not in weights and not os.path.isfile(weights) and not resuming:
+        raise ValueError(
+            f"cfg.MODEL.WEIGHTS = {weights!r}: no such file. Pretrain with configs/imagenet/*.yaml and convert "
+            "with tools/convert_pretrained.py (see configs/randwire_frcnn.yaml), or pass MODEL.WEIGHTS \"\" "
+            "to train from scratch."
+        )
+    rw = cfg.MODEL.RANDWIRE
+    if world > 1 and not device.startswith("cuda"):
+        norms = {
+            "MODEL.RANDWIRE.NORM": rw.NORM,
+            "MODEL.FPN.NORM": cfg.MODEL.FPN.NORM,
+            "MODEL.RESNETS.NORM": cfg.MODEL.RESNETS.NORM,
+            "MODEL.ROI_BOX_HEAD.NORM": cfg.MODEL.ROI_BOX_HEAD.NORM,
+        }
+        for key, norm in norms.items():
+            if norm == "SyncBN":
+                raise ValueError(
+                    f"cfg.{key} = 'SyncBN' needs CUDA (torch's SyncBatchNorm runs on GPUs only) but this "
+                    f"{world}-process run is on {device!r}: use 'naiveSyncBN' (detectron2's all-reduce "
+                    "BN, works with gloo on CPU), 'GN' or 'BN'."
+                )
+    if not weights and rw.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.NAME.startswith("build_randwire"):
+        raise ValueError(
+            "cfg.MODEL.RANDWIRE.NORM = 'FrozenBN' with no MODEL.WEIGHTS freezes randomly initialised "
+            "statistics: to train from scratch use NORM BN, SyncBN or GN and MODEL.BACKBONE.FREEZE_AT 0."
+        )
+
+
+def amp_needs_cuda(cfg) -> bool:
+    # detectron2's AMPTrainer requires CUDA
+    return bool(cfg.SOLVER.AMP.ENABLED) and not (torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda"))

@@ -14,7 +14,7 @@ Lifecycle: every worker dies with its launcher, whatever ends the launcher (SIGK
 included): Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``) plus a thread that
 watches the parent pid (other systems, and the window before prctl). A worker that
 fails writes its one-line cause to a file the launcher reads, so the launcher raises
-:class:`~randwire_d2.errors.WorkerError` with that cause instead of torch's
+:class:`~randwire_d2.engine.errors.WorkerError` with that cause instead of torch's
 ``ProcessRaisedException`` wrapping a traceback.
 """
 import ctypes

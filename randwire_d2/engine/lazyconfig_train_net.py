@@ -1,0 +1,121 @@
+"""What ``tools/lazyconfig_train_net.py`` runs (LazyConfig configs): detectron2's
+lazyconfig training loop with RandWire checkpoints, exact resume (``ExactResumeHook``
+with a ``ResumableTrainLoader``), CPU DDP, and the final metrics written to
+``train.output_dir/final_metrics.json``."""
+import logging
+
+from detectron2.config import instantiate
+from detectron2.engine import default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from ..checkpoint import RandWireCheckpointer
+from ..data.resumable import ResumableTrainLoader
+from .datasets import builtin_dataset_hint
+from .hooks import ExactResumeHook
+from .launch import launch
+from .lazy_config import check_override_keys, check_train_settings, load_config, train_precision  # noqa: F401
+from .precision import PrecisionTrainer
+from .results import write_results
+from .trainer import ddp_for_cpu_models
+
+__all__ = ["do_test", "do_train", "launch_from_args", "main"]
+
+logger = logging.getLogger("randwire_d2")
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    try:
+        test_loader = instantiate(cfg.dataloader.test)
+    except FileNotFoundError as exc:
+        hint = builtin_dataset_hint(exc)
+        if hint:
+            raise FileNotFoundError(f"dataloader.test: {exc}.{hint}") from exc
+        raise
+    results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process() and results:
+        print_csv_format(results)
+        write_results(cfg.train.output_dir, results)
+    return results
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info(f"Model:\n{model}")
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    with ddp_for_cpu_models():
+        model = create_ddp_model(model, **cfg.train.ddp)
+    # train.amp.precision (precision.py): detectron2's AMPTrainer knows only fp16
+    trainer = PrecisionTrainer(model, train_loader, optim, train_precision(cfg), cfg.train.device)
+    checkpointer = RandWireCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    if isinstance(train_loader, ResumableTrainLoader):
+        resume_hook = ExactResumeHook(loader=train_loader)
+    else:
+        logger.warning("dataloader.train is not a ResumableTrainLoader: resuming is not exact.")
+        resume_hook = ExactResumeHook(seed=cfg.train.seed)
+    trainer.register_hooks(
+        [
+            resume_hook,
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # the checkpoint stores the iteration that just finished
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if isinstance(train_loader, ResumableTrainLoader):
+        train_loader.start_iter = start_iter
+        if start_iter:
+            logger.info(f"Training data resumes at global batch {start_iter} (seed {train_loader.seed}).")
+    trainer.train(start_iter, cfg.train.max_iter)
+    return trainer
+
+
+def main(args):
+    cfg = load_config(args.config_file, args.opts)
+    check_train_settings(cfg, resume=args.resume)
+    default_setup(cfg, args)  # also seeds the RNGs from train.seed (random if < 0)
+    if cfg.train.get("seed", -1) < 0:  # one random data-stream seed for all processes
+        cfg.train.seed = int(comm.shared_random_seed())
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        with ddp_for_cpu_models():
+            model = create_ddp_model(model)
+        RandWireCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+            cfg.train.init_checkpoint, resume=args.resume
+        )
+        return do_test(cfg, model)
+    do_train(args, cfg)
+    return None
+
+
+def launch_from_args(args):
+    # read the config once here: a bad file or override fails before any process starts,
+    # and train.device picks the backend (NCCL on GPUs, gloo on CPU)
+    device = load_config(args.config_file, args.opts).train.device
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        device=device,
+    )
