@@ -11,10 +11,11 @@ from typing import Dict
 from detectron2.config import CfgNode as CN
 
 from .graphs import GENERATORS, GraphSpec, specs_from_dict, validate_generator_params
-from .modeling.network import FEATURES, REGIMES, build_graph_specs
+from .modeling.network import COMPILE_MODES, FEATURES, REGIMES, build_graph_specs
 from .modeling.stage import EXECUTORS
 
 NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN", "GN")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # generator -> {parameter: MODEL.RANDWIRE key}
 GENERATOR_KEYS = {"WS": {"k": "WS_K", "p": "WS_P"}, "ER": {"p": "ER_P"}, "BA": {"m": "BA_M"}}
 CLASSIFIER = "RandWireClassifier"  # the classification meta-architecture
@@ -49,6 +50,12 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.RECOMPUTE = False
     # torch.compile the RandWire network (the backbone, not the whole detector)
     rw.COMPILE = False
+    # its torch.compile mode: "default", "reduce-overhead" (CUDA graphs: the step's kernel
+    # launches replayed as one; fixed input sizes, e.g. the ImageNet step) or "max-autotune"
+    rw.COMPILE_MODE = "default"
+    # "channels_last" runs the RandWire network and its input in NHWC end to end (cuDNN's fast
+    # depthwise and BN kernels), "contiguous" in NCHW; "auto": channels_last on CUDA only
+    rw.MEMORY_FORMAT = "auto"
     # Loading a checkpoint (MODEL.WEIGHTS, --resume) with a tensor whose shape does not fit
     # the model (another width or preset) is refused, naming it. True: load only the
     # tensors that fit, skipping the others with a warning (detectron2's behaviour).
@@ -63,6 +70,11 @@ def add_randwire_config(cfg: CN) -> CN:
         _C.SOLVER.OPTIMIZER = "SGD"
     if "BETAS" not in _C.SOLVER:
         _C.SOLVER.BETAS = (0.9, 0.999)
+    # training precision (randwire_d2/engine/precision.py): "fp32", "bf16" (autocast, no scaler),
+    # "fp16" (autocast + GradScaler) or "auto": bf16 on CUDA where supported, else fp16 if
+    # SOLVER.AMP.ENABLED, else fp32; fp32 on CPU
+    if "PRECISION" not in _C.SOLVER.AMP:
+        _C.SOLVER.AMP.PRECISION = "auto"
     add_dataset_config(cfg)
     return add_classification_config(cfg)
 
@@ -84,6 +96,17 @@ def add_dataset_config(cfg: CN) -> CN:
 PAPER_MAX_NODES = 64
 MAX_NODES = 512
 GN_GROUPS = 32  # detectron2's get_norm("GN", C) is GroupNorm(32, C)
+
+
+def resolve_channels_last(memory_format: str, device) -> bool:
+    """MODEL.RANDWIRE.MEMORY_FORMAT -> whether the RandWire network runs in channels_last."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(
+            f"cfg.MODEL.RANDWIRE.MEMORY_FORMAT = {memory_format!r} is invalid: allowed are {list(MEMORY_FORMATS)}."
+        )
+    if memory_format == "auto":  # cuDNN's fast depthwise and BN kernels are NHWC ones
+        return str(device).startswith("cuda")
+    return memory_format == "channels_last"
 
 
 def _check(cond: bool, key: str, value, allowed: str):
@@ -145,6 +168,7 @@ def randwire_kwargs(cfg: CN) -> dict:
     _check(not rw.RECOMPUTE or rw.EXECUTOR == "lean", "RECOMPUTE", rw.RECOMPUTE,
            f"recompute needs MODEL.RANDWIRE.EXECUTOR 'lean', not {rw.EXECUTOR!r}")
     _check(isinstance(rw.COMPILE, bool), "COMPILE", rw.COMPILE, "true or false")
+    _check(rw.COMPILE_MODE in COMPILE_MODES, "COMPILE_MODE", rw.COMPILE_MODE, f"allowed are {list(COMPILE_MODES)}")
     _check(isinstance(rw.OUT_FEATURES, (list, tuple)), "OUT_FEATURES", rw.OUT_FEATURES,
            f"a list from {list(FEATURES[:-1])}")
     feats = list(rw.OUT_FEATURES)
@@ -167,6 +191,8 @@ def randwire_kwargs(cfg: CN) -> dict:
         executor=rw.EXECUTOR,
         recompute=rw.RECOMPUTE,
         compile=rw.COMPILE,
+        compile_mode=rw.COMPILE_MODE,
+        channels_last=resolve_channels_last(rw.MEMORY_FORMAT, cfg.MODEL.DEVICE),
     )
 
 

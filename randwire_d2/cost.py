@@ -1,28 +1,28 @@
-"""Device-independent training cost: activations kept for backward and bytes moved.
+"""Device-independent training cost: activations kept, kernel launches and bytes moved.
 
-Two numbers predict what a GPU training step pays for, and neither needs a GPU:
+Three numbers predict what a GPU training step pays for, and none needs a GPU:
 
 * ``saved_mb_per_img``: the unique storages that autograd packs for backward during the
   training forward (seen through ``torch.autograd.graph.saved_tensors_hooks``), parameters
   and buffers excluded. It is the activation memory of a step: with batch 256 it dominates
   peak GPU memory.
+* ``ops_per_step``: the non-view ATen ops of forward + backward (the optimizer update
+  excluded), each at least one kernel launch on a GPU (5-10 us of host time): what a
+  launch-bound step (small batches, detection) pays for.
 * ``traffic_mb_per_img``: the sum of the sizes of every tensor argument and result of every
   ATen op of a training step -- forward, backward and the SGD momentum update -- (a
   ``TorchDispatchMode``; views are free); ``traffic_fwd_bwd_mb_per_img`` without the update.
-  Depthwise
-  convolutions and element-wise ops are memory-bound on a GPU, so this is what RandWire's
+  Depthwise convolutions and element-wise ops are memory-bound on a GPU, so this is what RandWire's
   step time follows; it is an upper bound on DRAM traffic (caches ignored).
 
-* ``ops_per_step``: the non-view ATen ops of the training forward and backward (the
-  optimizer update excluded): the kernel launches of an eager step, what a launch-bound GPU
-  step (small per-GPU batches, detection) pays for.
-
-MB = 1e6 bytes. Both are exact counts for given shapes (the RNG is seeded, so DropPath's
-data-dependent branch is taken the same way every run): two runs agree exactly. Compare a
+MB = 1e6 bytes. All are exact counts for given shapes (the RNG is seeded): two runs agree
+exactly. The byte ratios to ResNet-50 grow with the batch (ResNet-50's weight traffic is a
+larger share at small batches); compare at the same batch. Compare a
 model against ResNet-50 measured the same way (``tools/benchmark.py --cost``).
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Dict, Optional
 
 import torch
@@ -32,20 +32,30 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["ByteCounter", "training_cost"]
 
+# views in all but their schema (reshape of a fresh result): no data moved, no kernel
+_ALIASES = {torch.ops.aten._unsafe_view.default}
+
 
 class ByteCounter(TorchDispatchMode):
-    """Sum of operand and result sizes (``bytes``) and number (``ops``) of the ATen ops run
-    under it, views excluded (they launch no kernel and move nothing)."""
+    """Sum of operand and result sizes of every ATen op run under it, and the op count (views excluded).
 
-    def __init__(self):
+    ``ops``: non-view ATen ops, about one kernel launch each on a GPU (a few launch none:
+    ``empty`` allocations, e.g. the one CPU's ``batch_norm`` makes per call); ``histogram``
+    (``keep_histogram=True``): the count per op name, to see where they go.
+    """
+
+    def __init__(self, keep_histogram: bool = False):
         super().__init__()
         self.bytes = 0
         self.ops = 0
+        self.histogram: Optional[Counter] = Counter() if keep_histogram else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not getattr(func, "is_view", False):
-            self.ops += 1
+        if not (getattr(func, "is_view", False) or func in _ALIASES):
+            self.ops += func.namespace == "aten"  # not profiler markers (record_function)
+            if self.histogram is not None:
+                self.histogram[str(func.overloadpacket.__name__)] += 1
             for t in tree_flatten((args, kwargs or {}, out))[0]:
                 if isinstance(t, torch.Tensor):
                     self.bytes += t.numel() * t.element_size()
@@ -83,11 +93,12 @@ def training_cost(
     seed: int = 0,
     batch: Optional[int] = None,
 ) -> Dict[str, float]:
-    """``saved_mb_per_img``, ``traffic_mb_per_img`` and ``ops_per_step`` of one training step.
+    """``saved_mb_per_img``, ``traffic_mb_per_img`` (and ``_fwd_bwd``) and ``ops_per_step`` of one
+    training step of ``model``.
 
     ``inputs``: what ``model`` takes (a batch tensor, or e.g. detectron2's list of dicts with
-    ``batch`` images). ``ops_per_step``: non-view ATen ops of the forward and backward (the
-    optimizer update excluded), i.e. kernel launches in eager mode.
+    ``batch`` images).
+
     ``loss_fn(model_output) -> scalar``; default: cross entropy against class 0 for a dict
     with "linear" or a tensor of logits. The model is put in training mode and takes one SGD
     step (momentum 0.9, lr 1e-9: the first step allocates the momentum buffers, which a
@@ -101,6 +112,7 @@ def training_cost(
             return nn.functional.cross_entropy(logits.float(), target)
 
     model.train()
+    model.zero_grad(set_to_none=True)  # as a training step starts: gradients are taken, not added
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-9, momentum=0.9) if params else None
     excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}

@@ -143,3 +143,18 @@ def test_gpu_suite_writes_json_after_each_section_and_survives_a_failure(tmp_pat
     assert result["detection"] == {"name": "detection"} and result["loader"] == {"name": "loader"}
     assert seen[-1] == ("loader", list(gpu_suite.SECTIONS[:-1]))
     assert json.loads(path.read_text())["sections_done"] == list(gpu_suite.SECTIONS)
+
+
+def test_cost_fields_and_ratios(result):
+    """Every classification row carries the cost model (DropPath 0.1 by default), ResNet-50 too,
+    and the ratios name each cost field of each RandWire executor."""
+    data = result[0]
+    assert data["settings"]["drop_path"] == 0.1
+    cost = ("saved_mb_per_img", "traffic_mb_per_img", "traffic_fwd_bwd_mb_per_img", "ops_per_step")
+    for r in data["classification"]:
+        assert all(r[k] > 0 for k in cost), r
+        assert isinstance(r["ops_per_step"], int)
+    for executor in ("lean", "reference"):
+        fields = {x["what"].split()[0] for x in data["ratios"] if x["executor"] == executor
+                  and x["what"].endswith("/ resnet50") and not x["what"].startswith("classification")}
+        assert fields == set(cost), (executor, fields)

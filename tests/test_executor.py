@@ -281,3 +281,95 @@ def test_compiled_stage_has_no_graph_break_and_matches_eager():
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert_equivalent(stage.train(), compiled.train(), x)
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in ref.named_parameters()]
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the non-view ATen ops run under it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_training_step_is_capturable(executor):
+    """What CUDA graphs (and torch.compile's reduce-overhead) need of a step: no host sync
+    (``_local_scalar_dense``, i.e. .item()) and no value-dependent branch -- two steps with
+    other data and other DropPath masks run the same op sequence."""
+    graphs = build_graph_specs("regular", 10, "WS", GENERATORS["WS"], 0)
+    torch.manual_seed(0)
+    net = RandWireNet(regime="regular", channels=8, graphs=graphs, num_classes=4, drop_path=0.3, executor=executor)
+    net.train()
+    sequences = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        x = torch.randn(3, 3, 32, 32)
+        with _OpRecorder() as rec:
+            loss = torch.nn.functional.cross_entropy(net(x)["linear"], torch.tensor([0, 1, 2]))
+            loss.backward()
+        net.zero_grad(set_to_none=True)
+        sequences.append(rec.ops)
+    assert not any("_local_scalar_dense" in op for op in sequences[0]), executor
+    assert sequences[0] == sequences[1]
+
+
+def test_compile_mode_setting_and_validation():
+    from detectron2.config import get_cfg
+
+    from randwire_d2.config import add_randwire_config, randwire_kwargs
+
+    cfg = add_randwire_config(get_cfg())
+    cfg.MODEL.RANDWIRE.CHANNELS, cfg.MODEL.RANDWIRE.NODES = 8, 10
+    assert randwire_kwargs(cfg)["compile_mode"] == "default"
+    cfg.MODEL.RANDWIRE.COMPILE_MODE = "fast"
+    with pytest.raises(ValueError, match="MODEL.RANDWIRE.COMPILE_MODE = 'fast' is invalid: allowed are"):
+        randwire_kwargs(cfg)
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        RandWireNet(regime="small", channels=8, graphs=build_graph_specs("small", 8, "WS", GENERATORS["WS"], 0),
+                    compile_mode="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_reduce_overhead_training_steps_on_cuda_match_eager():
+    """MODEL.RANDWIRE.COMPILE with COMPILE_MODE reduce-overhead: CUDA-graph replays of a
+    fixed-size training step give eager's losses and gradients (DropPath off: compiled RNG
+    differs)."""
+    graphs = build_graph_specs("regular", 10, "WS", GENERATORS["WS"], 0)
+    torch.manual_seed(0)
+    eager = RandWireNet(regime="regular", channels=16, graphs=graphs, num_classes=4).cuda()
+    compiled = copy.deepcopy(eager)
+    compiled.compile(mode="reduce-overhead")
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    y = torch.arange(8, device="cuda") % 4
+    for _ in range(3):  # warm-up, record, replay
+        grads = []
+        for net in (eager, compiled):
+            net.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net.train()(x)["linear"], y)
+            loss.backward()
+            grads.append((loss.detach().clone(), [p.grad.clone() for p in net.parameters()]))
+        assert rel_err(grads[0][0], grads[1][0]) < 1e-3
+        assert max(rel_err(a, b) for a, b in zip(grads[0][1], grads[1][1])) < 1e-2
+
+
+def test_edge_gradients_are_matmuls_into_one_buffer():
+    """The aggregation weights' gradients: one bmm per edge written into the stage's buffer --
+    no per-edge product tensor, no per-node stack -- and one concatenation per stage."""
+    from randwire_d2.cost import ByteCounter
+
+    spec = generate_graph("WS", 12, 0, **GENERATORS["WS"])
+    _, fast = pair(spec, 4, 6, "lean", drop_path=0.2)
+    x = torch.randn(2, 4, 10, 10)
+    out = fast.train()(x)
+    with ByteCounter(keep_histogram=True) as counter:
+        out.backward(torch.ones_like(out))
+    hist = counter.histogram
+    assert hist["bmm"] == sum(fast.edge_counts)
+    assert hist["stack"] == 2 + 2  # BN terms (gamma, invstd); input level (gradients, filters)
+    assert hist["cat"] == 1  # the edge rows of the stage, once
+    assert hist["mul"] < sum(fast.edge_counts)  # edge products: the gradient tape's first adds only

@@ -226,6 +226,33 @@ def test_drop_path_mask_keeps_one_input_and_varies_in_training():
     assert not torch.allclose(c, d)
 
 
+@pytest.mark.parametrize("rate", [0.3, 0.7])
+def test_drop_path_rescales_kept_edges_by_one_over_keep_rate(rate):
+    """A kept edge weighs sigmoid(w) / (1 - rate), so an edge's expected weight in training is
+    its eval weight (up to the rescue of samples that lost every edge); per stage and per node."""
+    spec = generate_graph("WS", 12, 0, **WS)
+    stage = randomized(RandWireStage(spec, 4, 4, drop_path=rate)).train()
+    batch = 20000
+    torch.manual_seed(0)
+    flat = stage.flat_aggregation_weights(batch, "cpu")
+    ks = torch.tensor(stage.edge_counts).repeat_interleave(torch.tensor(stage.edge_counts))
+    sig = torch.sigmoid(torch.cat([stage.nodes[v].agg_weight for v in stage.weighted_nodes])).detach()
+    expected = sig[:, None].expand_as(flat) / (1.0 - rate)
+    kept = flat != 0
+    assert torch.allclose(flat.detach()[kept], expected[kept], rtol=1e-6, atol=0)
+    # P(kept) = (1 - rate) + rate^k / k (a sample that lost all k edges keeps one of them)
+    p_keep = (1.0 - rate) + rate ** ks.double() / ks
+    assert torch.allclose(kept.double().mean(1), p_keep, atol=0.015)
+    # every sample keeps at least one edge of every node
+    assert all(rows.any(0).all() for rows in kept.split(stage.edge_counts))
+    node = stage.nodes[stage.weighted_nodes[0]]
+    w = node.aggregation_weights(batch, "cpu").detach()
+    own = torch.sigmoid(node.agg_weight).detach()[:, None].expand_as(w) / (1.0 - rate)
+    assert torch.allclose(w[w != 0], own[w != 0], rtol=1e-6, atol=0)
+    stage.eval()  # no DropPath, no rescale
+    assert torch.equal(stage.flat_aggregation_weights(batch, "cpu").detach(), sig)
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 

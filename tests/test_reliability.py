@@ -1285,3 +1285,25 @@ def test_errors_overridden_settings_reported_after_logging_starts(data, tmp_path
     log = open(os.path.join(opts["OUTPUT_DIR"], "log.txt")).read()
     assert ("SOLVER.MAX_ITER = 50 (set in the config/command line) is replaced by 3: SOLVER.EPOCHS" in log), log[-3000:]
     assert max(_train_metrics(opts["OUTPUT_DIR"])) <= 3
+
+
+@pytest.mark.parametrize("precision,dtype", [("auto", None), ("bf16", torch.bfloat16)])
+def test_trainer_trains_in_the_configured_precision(data, tmp_path, precision, dtype):
+    """SOLVER.AMP.PRECISION reaches the training step (auto on CPU: fp32; bf16: CPU autocast)."""
+    from randwire_d2.engine.precision import PrecisionTrainer
+
+    config, opts = cls_opts(tmp_path / "out", max_iter=2, **{"SOLVER.AMP.PRECISION": precision})
+    cfg = engine.setup(default_argument_parser().parse_args(_argv(config, opts)))
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    assert isinstance(trainer._trainer, PrecisionTrainer)
+    assert trainer._trainer.precision == ("fp32" if dtype is None else "bf16")
+    seen = []
+    trainer._trainer.model.register_forward_pre_hook(
+        lambda m, i: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        if m.training else None
+    )
+    trainer.train()
+    assert len(seen) == 2 and all(enabled == (dtype is not None) for enabled, _ in seen), seen
+    if dtype is not None:
+        assert all(d == dtype for _, d in seen)

@@ -11,9 +11,11 @@
 The measurements are ``randwire_d2.benchmark`` (``gpu_suite``, ``detection_cost``: see their
 docstrings); this script parses arguments and calls them.
 
-Cost model (``randwire_d2.cost``, any device, no timing): activations kept for backward and
-bytes moved by a training step per image, for every RandWire row and ResNet-50, and their
-ratios -- the device-independent measures to steer by when no GPU is at hand.
+Cost model (``randwire_d2.cost``, any device, no timing): activations kept for backward,
+bytes moved by a training step per image (and by its forward + backward alone) and ATen ops
+(kernel launches) per step, for every RandWire row and ResNet-50, and their ratios -- the
+device-independent measures to steer by when no GPU is at hand. RandWire classifiers train
+with ``--drop-path`` (0.1, the ImageNet recipe's).
 
 What it times
   (a) classification: a training step (forward, label-smoothing-free cross entropy, backward,
@@ -53,7 +55,8 @@ JSON fields (``--json PATH``)
   device                 {type: cpu|cuda, name, threads, capability (cuda)}
   versions               {python, torch, torchvision, detectron2, fvcore}
   settings               {tiny, batch, image_size, det_batch, det_size, warmup, repeats,
-                          precisions, executors, channels_last, tf32_matmul, tf32_cudnn}
+                          precisions, executors, channels_last, compile, cost_batch, cost_only,
+                          drop_path, tf32_matmul, tf32_cudnn}
   classification         list, one row per (model, executor, precision):
       model ("randwire-<preset>" | "resnet50"), preset, regime, channels, nodes, executor
       (null for ResNet-50), precision, status ("ok" | "unsupported" | "error: ..."),
@@ -62,9 +65,10 @@ JSON fields (``--json PATH``)
       infer_ms, infer_img_s, infer_times_ms, infer_peak_mem_mb,
       train_gflop, train_gbytes, train_achieved_tflops, train_achieved_gbs,
       infer_gflop, infer_gbytes, infer_achieved_tflops, infer_achieved_gbs, compiled,
-      saved_mb_per_img, traffic_mb_per_img, traffic_fwd_bwd_mb_per_img (randwire_d2.cost at
-      --cost-batch images, fp32, eager: activations kept for backward and bytes moved by a
-      training step; device-independent, the same for every precision row)
+      saved_mb_per_img, traffic_mb_per_img, traffic_fwd_bwd_mb_per_img, ops_per_step
+      (randwire_d2.cost at --cost-batch images, fp32, eager: activations kept for backward,
+      bytes moved by a training step, and ATen ops of its forward + backward;
+      device-independent, the same for every precision row)
   detection              list, one row per (model, executor, precision):
       model ("randwire-fpn" | "r50-fpn"), executor, precision, status, params_m,
       train_ms_iter, train_times_ms, train_peak_mem_mb, infer_ms_image, infer_times_ms,
@@ -72,7 +76,8 @@ JSON fields (``--json PATH``)
       train_achieved_gbs, infer_gflop, infer_gbytes, infer_achieved_tflops, infer_achieved_gbs
   memory_kind            "cuda_max_memory_allocated" | "cpu_peak_rss_delta" | null
   ratios                 list of {what, executor, precision, randwire, baseline, ratio}:
-                         classification training img/s of regular C=109 / ResNet-50,
+                         classification training img/s of regular C=109 / ResNet-50, the
+                         cost fields of every RandWire row / ResNet-50's,
                          detection train ms/iter and train peak memory RandWire-FPN / R50-FPN
 """
 import argparse
@@ -121,6 +126,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-regions", dest="regions", action="store_false",
                     help="--detection-cost without the bottom-up / FPN / heads split (3x faster)")
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"of {list(PRESETS)} (ignored with --tiny)")
+    ap.add_argument("--drop-path", type=float, default=0.1,
+                    help="DropPath rate of the RandWire classifiers (0.1: the ImageNet recipe's)")
     ap.add_argument("--channels-last", action="store_true", help="models and inputs in NHWC")
     ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (5; 1 tiny)")
     ap.add_argument("--repeats", type=int, default=None, help="timed iterations, median reported (20; 3 tiny)")
@@ -140,7 +147,7 @@ def parse_args(argv=None):
         det_batch=args.det_batch, det_size=args.det_size and _csv(args.det_size),
         precisions=_csv(args.precisions), executors=_csv(args.executors), presets=_csv(args.presets),
         channels_last=args.channels_last, compile=args.compile, cost_only=args.cost_only,
-        cost_batch=args.cost_batch, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+        cost_batch=args.cost_batch, drop_path=args.drop_path, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
         skip_classification=args.skip_classification, skip_detection=args.skip_detection,
         count_work=args.count_work,
     )

@@ -39,8 +39,14 @@ WIDTHS = ("tests/test_modeling.py", "tests/test_backbone.py", "tests/test_analys
 
 MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
-        "drop_path_at_eval", "DropPath active at eval", "randwire_d2/modeling/node.py",
-        "if self.training and self.drop_path > 0.0:", "if self.drop_path > 0.0:", MODELING,
+        "drop_path_at_eval", "DropPath active at eval (the stage draws every node's weights)",
+        "randwire_d2/modeling/stage.py",
+        "if not (nodes[0].training and rate > 0.0):", "if not rate > 0.0:", MODELING,
+    ),
+    Mutation(
+        "drop_path_no_rescale", "DropPath without the 1/(1-rate) rescale of kept edges",
+        "randwire_d2/modeling/stage.py",
+        "return keep * (sig * (1.0 / (1.0 - rate)))[:, None]", "return keep * sig[:, None]", MODELING,
     ),
     Mutation(
         "head_no_leading_relu", "classifier head without its leading ReLU", "randwire_d2/modeling/network.py",

@@ -37,7 +37,7 @@ def run_benchmark(s: Settings, *, command: str, date=None, json_path=None, log=p
             "det_batch": s.det_batch, "det_size": list(s.det_size), "warmup": s.warmup,
             "repeats": s.repeats, "precisions": s.precisions, "executors": s.executors,
             "channels_last": s.channels_last, "compile": s.compile, "cost_batch": s.cost_batch,
-            "cost_only": s.cost_only,
+            "cost_only": s.cost_only, "drop_path": s.drop_path,
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         },

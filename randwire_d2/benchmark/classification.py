@@ -23,7 +23,8 @@ def build_classifiers(s):
     for name, (regime, channels, nodes) in presets.items():
         graphs = build_graph_specs(regime, nodes, "WS", {"k": 4, "p": 0.75}, 0)
         torch.manual_seed(0)
-        net = RandWireNet(regime=regime, channels=channels, graphs=graphs, num_classes=1000)
+        net = RandWireNet(regime=regime, channels=channels, graphs=graphs, num_classes=1000,
+                          drop_path=s.drop_path)
         meta = {"model": f"randwire-{name}", "preset": name, "regime": regime,
                 "channels": channels, "nodes": nodes}
         yield meta, net, list(s.executors)
@@ -53,7 +54,7 @@ def apply_executor(module, executor):
     set_executor(module, name, recompute=option == "recompute")
 
 
-COST_KEYS = ("saved_mb_per_img", "traffic_mb_per_img", "traffic_fwd_bwd_mb_per_img")
+COST_KEYS = ("saved_mb_per_img", "traffic_mb_per_img", "traffic_fwd_bwd_mb_per_img", "ops_per_step")
 
 
 def cost_fields(net, executor, s, device):
@@ -67,7 +68,7 @@ def cost_fields(net, executor, s, device):
     net.to(device=device, memory_format=torch.contiguous_format)
     x = torch.randn(s.cost_batch, 3, s.image_size, s.image_size, device=device)
     cost = training_cost(net, x)
-    return {k: rnd(cost[k], 2) for k in COST_KEYS}
+    return {k: cost[k] if k == "ops_per_step" else rnd(cost[k], 2) for k in COST_KEYS}
 
 
 def bench_classifier(meta, net, executor, precision, s, device):

@@ -60,7 +60,7 @@ def ratios(cls_rows, det_rows):
         if r["model"] == "resnet50" or b is None or key in seen:
             continue
         seen.add(key)
-        for field in ("saved_mb_per_img", "traffic_mb_per_img"):
+        for field in ("saved_mb_per_img", "traffic_mb_per_img", "traffic_fwd_bwd_mb_per_img", "ops_per_step"):
             if r.get(field) is not None and b.get(field):
                 out.append({"what": f"{field} {r['model']} / resnet50", "executor": r["executor"],
                             "precision": "fp32", "randwire": r[field], "baseline": b[field],

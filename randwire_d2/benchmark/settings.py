@@ -33,6 +33,7 @@ class Settings:
     compile: bool = False
     cost_only: bool = False
     cost_batch: int = 4
+    drop_path: float = 0.1  # the RandWire classifiers' (the ImageNet recipe's)
     warmup: Optional[int] = None
     repeats: Optional[int] = None
     threads: Optional[int] = None

@@ -12,6 +12,7 @@ from detectron2.config import LazyConfig
 from detectron2.utils.registry import locate
 
 from ..modeling import RandWireNet
+from .precision import precision_for
 
 __all__ = ["check_override_keys", "check_train_settings", "load_config"]
 
@@ -95,6 +96,13 @@ def check_train_settings(cfg, resume: bool = False) -> None:
                     f"{path}.freeze_at=0."
                 )
     if cfg.train.amp.enabled and not device.startswith("cuda"):
-        # detectron2's AMPTrainer requires CUDA; keep the run going in fp32
-        logger.warning("train.amp.enabled is set but train.device is not CUDA: training in fp32.")
+        logger.warning("train.amp.enabled is set but train.device is not CUDA: train.amp.precision decides "
+                       "('auto': fp32 on CPU).")
         cfg.train.amp.enabled = False
+    train_precision(cfg)  # names train.amp.precision if it is wrong
+
+
+def train_precision(cfg) -> str:
+    """train.amp.precision resolved for train.device (randwire_d2/engine/precision.py)."""
+    return precision_for(cfg.train.amp.get("precision", "auto"), cfg.train.device, cfg.train.amp.enabled,
+                         "train.amp.precision")

@@ -6,7 +6,7 @@ import logging
 import os
 
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -16,7 +16,8 @@ from ..data.resumable import ResumableTrainLoader
 from .datasets import builtin_dataset_hint
 from .hooks import ExactResumeHook
 from .launch import launch, uses_cuda
-from .lazy_config import check_override_keys, check_train_settings, load_config  # noqa: F401  (re-exported)
+from .lazy_config import check_override_keys, check_train_settings, load_config, train_precision  # noqa: F401  (re-exported)
+from .precision import PrecisionTrainer
 from .preemption import RunStopped, StopHook, stop_on_signals
 from .provenance import describe_weights, training_weights
 from .results import write_results
@@ -63,8 +64,8 @@ def do_train(args, cfg):
 
     with ddp_for_cpu_models():
         model = create_ddp_model(model, **cfg.train.ddp)
-    trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
-    trainer = trainer_cls(model=model, data_loader=train_loader, optimizer=optim)
+    # train.amp.precision (precision.py): detectron2's AMPTrainer knows only fp16
+    trainer = PrecisionTrainer(model, train_loader, optim, train_precision(cfg), cfg.train.device)
     checkpointer = RandWireCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     if isinstance(train_loader, ResumableTrainLoader):
         resume_hook = ExactResumeHook(loader=train_loader)

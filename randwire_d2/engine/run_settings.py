@@ -19,6 +19,7 @@ import torch
 from detectron2.utils import comm
 
 from ..config import is_classification
+from .precision import resolve_precision
 
 __all__ = ["amp_needs_cuda", "check_run_settings", "check_run_values"]
 
@@ -255,6 +256,7 @@ def check_run_settings(cfg, resume: bool = False, world_size: Optional[int] = No
         raise ValueError(f"cfg.MODEL.DEVICE = {device!r} but no CUDA device is available: add MODEL.DEVICE cpu.")
     world = comm.get_world_size() if world_size is None else world_size
     check_run_values(cfg, world_size=world, classification=is_classification(cfg))
+    resolve_precision(cfg)  # names SOLVER.AMP.PRECISION if it is wrong
     weights = cfg.MODEL.WEIGHTS
     resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if weights and "://" not in weights and not os.path.isfile(weights) and not resuming:

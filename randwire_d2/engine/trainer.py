@@ -39,6 +39,7 @@ from .hooks import ExactResumeHook
 from .preemption import StopHook
 from .provenance import evaluated_weights, train_class_names
 from .results import write_results
+from .precision import PrecisionTrainer, resolve_precision
 from .run_settings import amp_needs_cuda
 
 __all__ = ["Trainer", "ddp_for_cpu_models", "fast_coco_eval_available", "model_num_classes"]
@@ -93,13 +94,19 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         if amp_needs_cuda(cfg):  # setup() already did this (and said so) for train_net runs
-            logger.warning("SOLVER.AMP.ENABLED is set but the model is not on CUDA: training in fp32.")
+            logger.warning("SOLVER.AMP.ENABLED is set but the model is not on CUDA: SOLVER.AMP.PRECISION "
+                           "decides ('auto': fp32 on CPU).")
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SOLVER.AMP.ENABLED = False
             cfg.freeze()
         with ddp_for_cpu_models():
             super().__init__(cfg)
+        # detectron2 picked SimpleTrainer or its fp16-only AMPTrainer: train in SOLVER.AMP.PRECISION
+        precision = resolve_precision(cfg)
+        old = self._trainer
+        self._trainer = PrecisionTrainer(old.model, old.data_loader, old.optimizer, precision, cfg.MODEL.DEVICE)
+        logger.info(f"Training precision: {precision} (SOLVER.AMP.PRECISION {cfg.SOLVER.AMP.PRECISION!r}).")
 
     def train(self):
         """detectron2's training loop; an exception becomes a one-line :class:`TrainingError`

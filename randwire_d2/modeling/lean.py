@@ -23,11 +23,20 @@ add. This executor runs each node as one autograd Function that
 
 Numerics: forward and gradients equal the reference's up to summation order, except that
 the BN weight gradient of a channel whose ``|gamma| < GAMMA_EPS`` loses precision (its
-``x_hat`` cannot be recovered from ``y``): in-place ABN's known limit. Norms other than
-BatchNorm2d (training) and FrozenBN -- GN, SyncBN, naiveSyncBN, BN in eval mode with
-gradients -- run the node with plain autograd ops (same results, the reference's memory).
-DropPath masks are drawn by ``NodeOp.aggregation_weights`` in topological order, exactly as
-the reference draws them.
+``x_hat`` cannot be recovered from ``y``): in-place ABN's known limit. detectron2's
+``naiveSyncBN`` runs the same way across processes (``_sync_batch_norm_*``: one all-reduce of
+the per-channel statistics in forward and of the gradient sums in backward, as its autograd
+does). Norms other than BatchNorm2d / naiveSyncBN (training) and FrozenBN -- GN, torch's
+SyncBN (CUDA-only, so untestable here), BN in eval mode with gradients -- run the node with
+plain autograd ops (same results, the reference's memory).
+
+Kernel launches: per-node scalar work is done once per stage -- the aggregation weights and
+DropPath masks of all nodes in one draw (``RandWireStage.flat_aggregation_weights``, which
+the reference uses too, so both draw the same masks), the BN step counters in one
+``_foreach_add_``, the in-place-ABN backward terms of all BNs in one go (:class:`_StageTape`),
+the aggregation-weight gradients written into one (edges, batch) buffer -- and each parameter
+is cast once per step under autocast. No host sync and no value-dependent branch in the step
+(unless a BN has ``momentum=None``, whose factor needs the step count on the host).
 """
 from __future__ import annotations
 
@@ -37,7 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
+from detectron2.utils import comm
 
 __all__ = ["GAMMA_EPS", "lean_forward"]
 
@@ -56,26 +66,40 @@ def _weighted_sum_relu_(weights: torch.Tensor, xs: List[torch.Tensor]) -> torch.
     return out.relu_()
 
 
-def _running_stats_factor(bn: nn.BatchNorm2d) -> float:
-    """nn.BatchNorm2d's momentum bookkeeping for one training forward."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+def _batch_norm_factors(stage, batch_nodes: List[int]) -> Dict[int, float]:
+    """nn.BatchNorm2d's step-count bookkeeping for one training forward of these nodes' BNs."""
+    norms = [stage.nodes[v].conv_pw.norm for v in batch_nodes]
+    if all(bn.momentum is not None for bn in norms):
+        counters = [bn.num_batches_tracked for bn in norms if bn.num_batches_tracked is not None]
+        if counters:
+            torch._foreach_add_(counters, 1)  # one op for the stage
+        return {v: bn.momentum for v, bn in zip(batch_nodes, norms)}
+    factors = {}
+    for v, bn in zip(batch_nodes, norms):  # momentum=None: cumulative average, needs the count
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
-    return factor
+        factors[v] = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    return factors
 
 
-class _GradTape:
-    """Gradients of one stage's node outputs, accumulated in place by their consumers.
+class _StageTape:
+    """What the nodes of one lean stage share in a step.
 
-    Letting autograd sum the gradients of a node used by several consumers costs a
-    multiply and an add per extra consumer; here each consumer adds ``w * delta`` into
-    one buffer (``addcmul_``). Node outputs' gradients never go through the engine.
+    * ``grads``: gradients of node outputs, accumulated in place by their consumers. Letting
+      autograd sum the gradients of a node used by several consumers costs a multiply and an
+      add per extra consumer; here each consumer adds ``w * delta`` into one buffer
+      (``addcmul_``). Node outputs' gradients never go through the engine.
+    * ``edge_grad``: the (edges, batch) aggregation-weight gradients, each node writing its
+      rows; autograd concatenates the rows once per stage.
+    * the in-place-ABN backward terms of every BN, computed in one go on first use.
     """
 
-    def __init__(self):
+    def __init__(self, edge_offsets: Dict[int, int], num_edges: int):
         self.grads: Dict[int, torch.Tensor] = {}
+        self.edge_offsets, self.num_edges = edge_offsets, num_edges
+        self.edge_grad: Optional[torch.Tensor] = None
+        self.bn_inputs: Dict[int, tuple] = {}  # node -> (gamma, invstd) from the forward
+        self.sync_count = 0  # synchronised BN: values per channel over all processes
+        self._bn_terms: Optional[Dict[int, tuple]] = None
 
     def add(self, u: int, delta: torch.Tensor, w: Optional[torch.Tensor]):
         buf = self.grads.get(u)
@@ -94,21 +118,42 @@ class _GradTape:
             return g
         return buf if g is None else buf.add_(g)
 
+    def edge_rows(self, v: int, k: int, like: torch.Tensor) -> torch.Tensor:
+        if self.edge_grad is None:
+            self.edge_grad = like.new_empty(self.num_edges, like.shape[0])
+        start = self.edge_offsets[v]
+        return self.edge_grad[start:start + k]
 
-def _edge_dots(xs: List[torch.Tensor], delta: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    """<x_i, delta> for each input (per sample with DropPath): the aggregation weights' gradient.
+    def bn_terms(self, v: int):
+        """(gamma^2 * invstd, 1/gamma) with |gamma| >= GAMMA_EPS: BN backward from its output."""
+        if self._bn_terms is None:
+            nodes = list(self.bn_inputs)
+            gamma = torch.stack([self.bn_inputs[u][0] for u in nodes])
+            invstd = torch.stack([self.bn_inputs[u][1] for u in nodes])
+            safe = torch.where(gamma >= 0, gamma.clamp_min(GAMMA_EPS), gamma.clamp_max(-GAMMA_EPS))
+            weight, inv = gamma * safe * invstd, safe.reciprocal()
+            self._bn_terms = {u: (weight[i], inv[i]) for i, u in enumerate(nodes)}
+        return self._bn_terms[v]
 
-    fp32: a dot product reads both tensors once. Reduced precision: products summed in fp32,
-    as the reference's autograd does (a bf16 dot accumulated in bf16 loses ~30%).
+
+def _edge_dots_(xs: List[torch.Tensor], delta: torch.Tensor, out: torch.Tensor) -> None:
+    """out[i, b] = <x_i[b], delta[b]>: the aggregation weights' gradient, per sample.
+
+    One batched matmul per input, written into ``out`` (no product tensor, no stack); on
+    CUDA reduced-precision matmuls accumulate in fp32. On CPU in reduced precision the
+    products are summed in fp32, as the reference's autograd does.
     """
     batch = delta.shape[0]
-    if delta.dtype in (torch.float16, torch.bfloat16):
-        dims = (1, 2, 3) if per_sample else None
-        return torch.stack([torch.sum(x * delta, dim=dims, dtype=torch.float32) for x in xs])
-    if per_sample:
-        flat = delta.reshape(batch, -1, 1)
-        return torch.stack([torch.bmm(x.reshape(batch, 1, -1), flat).reshape(batch) for x in xs])
-    return torch.stack([torch.vdot(x.reshape(-1), delta.reshape(-1)) for x in xs])
+    if delta.dtype in (torch.float16, torch.bfloat16) and delta.device.type == "cpu":
+        for x, row in zip(xs, out):
+            row.copy_(torch.sum(x * delta, dim=(1, 2, 3), dtype=torch.float32))
+        return
+    # flatten both in delta's memory order (NHWC under channels_last): views, not copies
+    nhwc = not delta.is_contiguous() and delta.is_contiguous(memory_format=torch.channels_last)
+    order = (0, 2, 3, 1) if nhwc else (0, 1, 2, 3)
+    flat = delta.permute(order).reshape(batch, -1, 1)
+    for x, row in zip(xs, out):
+        torch.bmm(x.permute(order).reshape(batch, 1, -1), flat, out=row.view(batch, 1, 1))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -118,45 +163,94 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _pw_norm_forward(node, mode, z, w_pw, gamma, beta):
-    """1x1 conv + norm of ``z``; returns y and what the backward needs (invstd / scale)."""
-    p = F.conv2d(z, w_pw.to(z.dtype))
+def _pw_norm_forward(node, v, mode, tape, factor, z, w_pw, gamma, beta):
+    """1x1 conv + norm of ``z``; returns y and what the backward needs (FrozenBN: the scale)."""
+    p = F.conv2d(z, w_pw)
     norm = node.conv_pw.norm
     if mode == "batch":
-        factor = _running_stats_factor(norm)
         y, _, invstd = torch.native_batch_norm(
             p, gamma, beta, norm.running_mean, norm.running_var, True, factor, norm.eps
         )
-        return y, invstd
+        tape.bn_inputs[v] = (gamma, invstd)
+        return y, None
+    if mode == "sync":
+        return _sync_batch_norm_forward(norm, tape, v, p, gamma, beta), None
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
     shift = norm.bias - norm.running_mean * scale
     scale = scale.reshape(1, -1, 1, 1).to(p.dtype)
     return torch.addcmul(shift.reshape(1, -1, 1, 1).to(p.dtype), p, scale), scale
 
 
-def _pw_norm_backward(mode, g, y, extra, gamma, beta, z, w_pw, need_gamma, need_beta, need_w):
+def _pw_norm_backward(mode, tape, v, g, y, scale, beta, z, w_pw, need_gamma, need_beta, need_w):
     """Gradients through norm and 1x1 conv: (grad_z, grad_w_pw, grad_gamma, grad_beta)."""
     g = g.to(y.dtype)
     grad_gamma = grad_beta = None
     if mode == "batch":
         # BN backward from its output: x_hat = (y - beta) / gamma (see module docstring)
-        safe = torch.where(gamma >= 0, gamma.clamp_min(GAMMA_EPS), gamma.clamp_max(-GAMMA_EPS))
+        weight, inv = tape.bn_terms(v)
         grad_p, grad_gamma, grad_beta = _bn_backward(
-            g, y, gamma * safe * extra, None, None, beta, safe.reciprocal(), True, 0.0,
-            [True, need_gamma, need_beta],
+            g, y, weight, None, None, beta, inv, True, 0.0, [True, need_gamma, need_beta],
         )
+    elif mode == "sync":
+        grad_p, grad_gamma, grad_beta = _sync_batch_norm_backward(tape, v, g, y, beta, need_gamma, need_beta)
     else:
-        grad_p = g * extra
+        grad_p = g * scale
     del g
     grad_z, grad_w, _ = _conv_backward(
-        grad_p, z, w_pw.to(z.dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [True, need_w, False],
+        grad_p, z, w_pw, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, need_w, False],
     )
-    return grad_z, None if grad_w is None else grad_w.to(w_pw.dtype), grad_gamma, grad_beta
+    return grad_z, grad_w, grad_gamma, grad_beta
+
+
+def _sync_batch_norm_forward(norm, tape, v, p, gamma, beta):
+    """detectron2's NaiveSyncBatchNorm (stats_mode ""): the batch statistics averaged over the
+    processes with one all-reduce of (mean, mean of squares), biased running variance."""
+    var_local, mean = torch.var_mean(p, dim=(0, 2, 3), correction=0)
+    stats = torch.cat([mean, var_local.addcmul_(mean, mean)]).float()  # (mean, E[p^2]) per channel
+    torch.distributed.all_reduce(stats)
+    mean, meansqr = stats.mul_(1.0 / comm.get_world_size()).split(p.shape[1])
+    var = torch.addcmul(meansqr, mean, mean, value=-1)
+    torch.lerp(norm.running_mean, mean, norm.momentum, out=norm.running_mean)
+    torch.lerp(norm.running_var, var, norm.momentum, out=norm.running_var)
+    tape.bn_inputs[v] = (gamma, (var + norm.eps).rsqrt_())
+    tape.sync_count = p.numel() // p.shape[1] * comm.get_world_size()
+    # normalise with the global statistics: BN's inference formula, one kernel
+    return torch.native_batch_norm(p, gamma, beta, mean, var, False, 0.0, norm.eps)[0]
+
+
+def _sync_batch_norm_backward(tape, v, g, y, beta, need_gamma, need_beta):
+    """Synchronised BN backward from the output: the local sums of g and g * x_hat (which are
+    also the local gamma / beta gradients) all-reduced, then
+    grad_p = gamma * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) over the global batch."""
+    weight, inv = tape.bn_terms(v)  # gamma^2 * invstd (sign-safe), 1/gamma
+    _, sum_gx, sum_g = _bn_backward(g, y, weight, None, None, beta, inv, True, 0.0, [False, True, True])
+    sums = torch.cat([sum_g, sum_gx]).float()
+    torch.distributed.all_reduce(sums)
+    mean_g, mean_gx = sums.mul_(1.0 / tape.sync_count).split(g.shape[1])
+    scale = weight * inv  # gamma * invstd
+    slope = -(scale * mean_gx * inv)  # x_hat = (y - beta) * inv, folded into per-channel terms
+    shift = -(scale * mean_g) - slope * beta
+    shape = (1, -1, 1, 1)
+    grad_p = torch.addcmul(shift.reshape(shape).to(g.dtype), g, scale.reshape(shape).to(g.dtype))
+    grad_p.addcmul_(y, slope.reshape(shape).to(g.dtype))
+    return grad_p, sum_gx if need_gamma else None, sum_g if need_beta else None
 
 
 def _depthwise(a, w_dw, stride):
-    return F.conv2d(a, w_dw.to(a.dtype), None, stride, 1, 1, w_dw.shape[0])
+    return F.conv2d(a, w_dw, None, stride, 1, 1, w_dw.shape[0])
+
+
+def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _contiguous_as(t: torch.Tensor, dtype) -> torch.Tensor:
+    """A contiguous copy in ``dtype``: one op (``to`` alone would keep a strided view)."""
+    return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
+
+
+def _param_grad(grad: Optional[torch.Tensor], param: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if grad is None else grad.to(param.dtype)
 
 
 class _InputLevel(torch.autograd.Function):
@@ -165,22 +259,24 @@ class _InputLevel(torch.autograd.Function):
     apply(call, x, *params) with params (w_dw, w_pw, gamma, beta) per node; returns one
     output per node. Backward runs the nodes' depthwise convs as one grouped conv, so
     ReLU(x) is read once and its gradient written once (no sum over the nodes).
-    ``call``: (nodes, modes, recompute, tape, node indices).
+    ``call``: (nodes, modes, recompute, tape, node indices, BN factors).
     """
 
     @staticmethod
     def forward(ctx, call, x, *params):
-        nodes, modes, recompute = call[:3]
+        nodes, modes, recompute, tape, vs, factors = call
         ctx.set_materialize_grads(False)
         r = F.relu(x)
-        r_c = r.to(_compute_dtype(r))
-        outs, saved = [], []
+        dtype = _compute_dtype(r)
+        r_c = r.to(dtype)
+        outs, saved, cast = [], [], []
         for j, node in enumerate(nodes):
             w_dw, w_pw, gamma, beta = params[4 * j:4 * j + 4]
-            z = _depthwise(r_c, w_dw, 2)
-            y, extra = _pw_norm_forward(node, modes[j], z, w_pw, gamma, beta)
+            w_dw_c, w_pw_c = w_dw.to(dtype), w_pw.to(dtype)  # one cast per parameter and step
+            z = _depthwise(r_c, w_dw_c, 2)
+            y, scale = _pw_norm_forward(node, vs[j], modes[j], tape, factors.get(vs[j]), z, w_pw_c, gamma, beta)
             outs.append(y)
-            saved += [None if recompute else z, y, extra]
+            saved += [None if recompute else z, y, scale, w_dw_c, w_pw_c]
         ctx.call, ctx.num = call, len(nodes)
         ctx.save_for_backward(r, r_c if r_c is not r else None, *params, *saved)
         return tuple(outs)
@@ -188,108 +284,132 @@ class _InputLevel(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        nodes, modes, _, tape, vs = ctx.call
+        nodes, modes, _, tape, vs, _ = ctx.call
         k, need = ctx.num, ctx.needs_input_grad
         r, r_c, *rest = ctx.saved_tensors
         r_c = r if r_c is None else r_c
         params, saved = rest[:4 * k], rest[4 * k:]
-        grad_params, grad_zs = [], []
+        grad_params, grad_zs, w_dws = [], [], []
         for j in range(k):
             w_dw, w_pw, gamma, beta = params[4 * j:4 * j + 4]
-            z, y, extra = saved[3 * j:3 * j + 3]
+            z, y, scale, w_dw_c, w_pw_c = saved[5 * j:5 * j + 5]
+            w_dws.append(w_dw_c)
             if z is None:
-                z = _depthwise(r_c, w_dw, 2)
+                z = _depthwise(r_c, w_dw_c, 2)
             g = tape.pop(vs[j], grads[j])
             grad_z, grad_w_pw, grad_gamma, grad_beta = _pw_norm_backward(
-                modes[j], g, y, extra, gamma, beta, z, w_pw,
+                modes[j], tape, vs[j], g, y, scale, beta, z, w_pw_c,
                 need[4 + 4 * j], need[5 + 4 * j], need[3 + 4 * j],
             )
             grad_zs.append(grad_z)
-            grad_params.append([None, grad_w_pw, grad_gamma, grad_beta])
+            grad_params.append([None, _param_grad(grad_w_pw, w_pw), grad_gamma, grad_beta])
             del z, g
         # one grouped depthwise backward; channel c*k + j is node j's filter on channel c
         c_in = r.shape[1]
-        grad_int = torch.stack(grad_zs, 2).flatten(1, 2)
+        if r_c.is_contiguous(memory_format=torch.channels_last) and not r_c.is_contiguous():
+            # NHWC: interleave the channels in one copy that stays channels_last
+            grad_int = torch.stack([g.permute(0, 2, 3, 1) for g in grad_zs], -1).flatten(3, 4).permute(0, 3, 1, 2)
+        else:
+            grad_int = torch.stack(grad_zs, 2).flatten(1, 2)
         del grad_zs
-        w_int = torch.stack([params[4 * j] for j in range(k)], 1).flatten(0, 1).to(r_c.dtype)
+        w_int = torch.stack(w_dws, 1).flatten(0, 1)
         grad_r, grad_w_int, _ = _conv_backward(
             grad_int, r_c, w_int, None, [2, 2], [1, 1], [1, 1], False, [0, 0], c_in,
             [need[1], any(need[2 + 4 * j] for j in range(k)), False],
         )
         del grad_int
-        if grad_w_int is not None:
-            per_node = grad_w_int.view(c_in, k, 1, 3, 3).to(params[0].dtype)
+        if grad_w_int is not None:  # one contiguous copy per node: a view would be copied again by autograd
+            per_node = grad_w_int.view(c_in, k, 1, 3, 3)
             for j in range(k):
-                grad_params[j][0] = per_node[:, j].contiguous() if need[2 + 4 * j] else None
+                if need[2 + 4 * j]:
+                    grad_params[j][0] = _contiguous_as(per_node[:, j], params[0].dtype)
         grad_x = None
         if grad_r is not None:
             grad_x = torch.ops.aten.threshold_backward(grad_r.to(r.dtype), r, 0)
         return (None, grad_x, *(g for gp in grad_params for g in gp))
 
 
+def _weighted_sum_relu_(weights: torch.Tensor, xs: List[torch.Tensor]) -> torch.Tensor:
+    """ReLU(sum_i w_i x_i) into one fresh tensor; ``weights`` is (k,) or per-sample (k, B)."""
+    w = weights.to(xs[0].dtype)
+    w = w.reshape(len(xs), -1, 1, 1, 1) if w.dim() == 2 else w
+    out = xs[0] * w[0]
+    for x, wi in zip(xs[1:], w[1:]):
+        out.addcmul_(x, wi)
+    return out.relu_()
+
+
 class _NodeFunction(torch.autograd.Function):
     """A node fed by other nodes: weighted sum + ReLU -> depthwise 3x3 -> 1x1 -> norm.
 
     apply(call, weights, w_dw, w_pw, gamma, beta, *xs); ``call``: (node, mode, recompute,
-    tape, v, preds); ``mode`` "batch": nn.BatchNorm2d in training, "affine": FrozenBN (no
-    norm gradients). The gradients of ``xs`` go into ``tape`` (:class:`_GradTape`).
+    tape, v, preds, BN factor); ``weights`` (k, B) (None for one input); ``mode`` "batch":
+    nn.BatchNorm2d in training, "affine": FrozenBN (no norm gradients). The gradients of
+    ``xs`` go into ``tape`` (:class:`_StageTape`), those of ``weights`` into its edge rows.
     """
 
     @staticmethod
     def forward(ctx, call, weights, w_dw, w_pw, gamma, beta, *xs):
-        node, mode, recompute = call[:3]
+        node, mode, recompute, tape, v, _, factor = call
         ctx.set_materialize_grads(False)
         a = _weighted_sum_relu_(weights, xs) if len(xs) > 1 else F.relu(xs[0])
         dtype = _compute_dtype(a)
-        z = _depthwise(a.to(dtype), w_dw, node.stride)
-        y, extra = _pw_norm_forward(node, mode, z, w_pw, gamma, beta)
+        w_dw_c, w_pw_c = w_dw.to(dtype), w_pw.to(dtype)  # one cast per parameter and step
+        z = _depthwise(a.to(dtype), w_dw_c, node.stride)
+        y, scale = _pw_norm_forward(node, v, mode, tape, factor, z, w_pw_c, gamma, beta)
         del z
         ctx.call, ctx.dtype = call, dtype
-        ctx.save_for_backward(None if recompute else a, weights, w_dw, w_pw, gamma, beta, y, extra, *xs)
+        ctx.save_for_backward(None if recompute else a, weights, w_dw, w_pw, beta, y, scale, w_dw_c, w_pw_c, *xs)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        a, weights, w_dw, w_pw, gamma, beta, y, extra, *xs = ctx.saved_tensors
-        node, mode, _, tape, v, preds = ctx.call
+        a, weights, w_dw, w_pw, beta, y, scale, w_dw_c, w_pw_c, *xs = ctx.saved_tensors
+        node, mode, _, tape, v, preds, _ = ctx.call
         need = ctx.needs_input_grad
         g = tape.pop(v, g)
         if a is None:  # recompute
             a = _weighted_sum_relu_(weights, xs) if len(xs) > 1 else F.relu(xs[0])
         a_c = a.to(ctx.dtype)
-        z = _depthwise(a_c, w_dw, node.stride)  # recomputed: 9 MACs per element
+        z = _depthwise(a_c, w_dw_c, node.stride)  # recomputed: 9 MACs per element
         grad_z, grad_w_pw, grad_gamma, grad_beta = _pw_norm_backward(
-            mode, g, y, extra, gamma, beta, z, w_pw, need[4], need[5], need[3]
+            mode, tape, v, g, y, scale, beta, z, w_pw_c, need[4], need[5], need[3]
         )
         del g, z
         stride = [node.stride, node.stride]
         grad_a, grad_w_dw, _ = _conv_backward(
-            grad_z, a_c, w_dw.to(a_c.dtype), None, stride, [1, 1], [1, 1], False, [0, 0],
+            grad_z, a_c, w_dw_c, None, stride, [1, 1], [1, 1], False, [0, 0],
             w_dw.shape[0], [True, need[2], False],
         )
         del grad_z
-        grad_w_dw = None if grad_w_dw is None else grad_w_dw.to(w_dw.dtype)
         delta = torch.ops.aten.threshold_backward(grad_a.to(a.dtype), a, 0)  # through the ReLU
         del grad_a
         grad_w = None
         if len(xs) == 1:
             tape.add(preds[0], delta, None)
         else:
-            w = weights.to(delta.dtype)
-            batch = delta.shape[0]
-            grad_w = _edge_dots(xs, delta, per_sample=weights.dim() == 2).to(weights.dtype)
-            if weights.dim() == 2:
-                w = w.reshape(len(xs), batch, 1, 1, 1)
+            if need[1]:
+                grad_w = tape.edge_rows(v, len(xs), delta)
+                _edge_dots_(xs, delta, grad_w)
+            w = weights.to(delta.dtype).reshape(len(xs), delta.shape[0], 1, 1, 1)
             for u, wi in zip(preds, w):
                 tape.add(u, delta, wi)
-        return (None, grad_w, grad_w_dw, grad_w_pw, grad_gamma, grad_beta) + (None,) * len(xs)
+        return (None, grad_w, _param_grad(grad_w_dw, w_dw), _param_grad(grad_w_pw, w_pw),
+                grad_gamma, grad_beta) + (None,) * len(xs)
 
 
 def _mode(node) -> Optional[str]:
     norm = node.conv_pw.norm
-    if type(norm) is nn.BatchNorm2d and norm.training and norm.affine and norm.track_running_stats:
-        return "batch"
+    if type(norm) in (nn.BatchNorm2d, NaiveSyncBatchNorm):
+        if not (norm.training and norm.affine and norm.track_running_stats):
+            return None
+        if type(norm) is nn.BatchNorm2d:
+            return "batch"
+        if norm._stats_mode != "" or norm.momentum is None:
+            return None
+        # one process: NaiveSyncBatchNorm is BatchNorm2d
+        return "sync" if comm.get_world_size() > 1 else "batch"
     if isinstance(norm, FrozenBatchNorm2d):
         return "affine"
     return None
@@ -299,17 +419,22 @@ def _needs_grad(stage, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in stage.parameters()))
 
 
-def _aggregate_relu(node, xs: List[torch.Tensor], inplace: bool) -> torch.Tensor:
-    if len(xs) == 1:
-        return F.relu(xs[0])
-    if inplace:  # no autograd: in-place sum, nothing kept
-        return _weighted_sum_relu_(node.aggregation_weights(xs[0].shape[0], xs[0].device), xs)
-    return F.relu(node.aggregate(xs))
-
-
 def _norm_affine(node, mode):
     norm = node.conv_pw.norm
-    return (norm.weight, norm.bias) if mode == "batch" else (None, None)
+    return (norm.weight, norm.bias) if mode in ("batch", "sync") else (None, None)
+
+
+def _plain_input_level(stage, x: torch.Tensor):
+    """Inference, or norms without a lean path (GN, SyncBN): the input level in plain ops;
+    returns its outputs and every node's aggregation weights."""
+    graph = stage.graph
+    weights = stage.aggregation_weights(x.shape[0], x.device)
+    live: Dict[int, torch.Tensor] = {}
+    r = F.relu(x)  # shared by every node fed by the stage input
+    for v in graph.input_nodes:
+        node = stage.nodes[v]
+        live[v] = node.conv_pw(node.conv_dw(r))
+    return live, weights
 
 
 def lean_forward(stage, x: torch.Tensor) -> torch.Tensor:
@@ -317,37 +442,48 @@ def lean_forward(stage, x: torch.Tensor) -> torch.Tensor:
     graph = stage.graph
     grad = _needs_grad(stage, x)
     modes = [_mode(node) for node in stage.nodes]
-    live: Dict[int, torch.Tensor] = {}
-    if grad and all(m is not None for m in modes):
-        tape = _GradTape()
+    lean = grad and all(m is not None for m in modes)
+    if lean:
+        offsets, start = {}, 0
+        for v, k in zip(stage.weighted_nodes, stage.edge_counts):
+            offsets[v], start = start, start + k
+        tape = _StageTape(offsets, start)
+        factors = _batch_norm_factors(stage, [v for v, m in enumerate(modes) if m == "batch"])
+        flat = stage.flat_aggregation_weights(x.shape[0], x.device)
+        weights = {}
+        if flat is not None:
+            if flat.dim() == 1:  # no DropPath: the same weights for every sample
+                flat = flat[:, None].expand(-1, x.shape[0])
+            flat = flat.to(_compute_dtype(x))  # one cast for the stage
+            weights = dict(zip(stage.weighted_nodes, flat.split(stage.edge_counts)))
         inputs = graph.input_nodes
         params = []
         for v in inputs:
             node = stage.nodes[v]
             params += [node.conv_dw.weight, node.conv_pw.weight, *_norm_affine(node, modes[v])]
-        call = ([stage.nodes[v] for v in inputs], [modes[v] for v in inputs], stage.recompute, tape, inputs)
-        live.update(zip(inputs, _InputLevel.apply(call, x, *params)))
-    else:  # inference, or norms without a lean path (GN, SyncBN): plain ops
-        tape = None
-        r = F.relu(x)  # shared by every node fed by the stage input
-        for v in graph.input_nodes:
-            node = stage.nodes[v]
-            live[v] = node.conv_pw(node.conv_dw(r))
+        call = ([stage.nodes[v] for v in inputs], [modes[v] for v in inputs], stage.recompute, tape,
+                inputs, factors)
+        live = dict(zip(inputs, _InputLevel.apply(call, x, *params)))
+    else:
+        live, weights = _plain_input_level(stage, x)
     total, fresh = None, False
     for v in graph.topological_order:
         preds = graph.predecessors[v]
         if preds:
             node = stage.nodes[v]
             xs = [live[u] for u in preds]
-            if tape is not None:
-                weights = node.aggregation_weights(xs[0].shape[0], xs[0].device) if len(xs) > 1 else None
-                call = (node, modes[v], stage.recompute, tape, v, preds)
+            if lean:
+                call = (node, modes[v], stage.recompute, tape, v, preds, factors.get(v))
                 out = _NodeFunction.apply(
-                    call, weights, node.conv_dw.weight, node.conv_pw.weight,
+                    call, weights.get(v), node.conv_dw.weight, node.conv_pw.weight,
                     *_norm_affine(node, modes[v]), *xs,
                 )
+            elif len(xs) == 1:
+                out = node.conv_pw(node.conv_dw(F.relu(xs[0])))
+            elif not grad:  # in-place sum, nothing kept
+                out = node.conv_pw(node.conv_dw(_weighted_sum_relu_(weights[v], xs)))
             else:
-                out = node.conv_pw(node.conv_dw(_aggregate_relu(node, xs, inplace=not grad)))
+                out = node.conv_pw(node.conv_dw(F.relu(node.aggregate(xs, weights[v]))))
             live[v] = out
         for u in stage.free_after.get(v, ()):
             del live[u]

@@ -19,6 +19,7 @@ REGIMES = ("small", "regular")
 STAGES = ("res2", "res3", "res4", "res5")
 FEATURES = ("stem",) + STAGES + ("linear",)
 STRIDES = {"stem": 2, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def stage_layout(regime: str, channels: int, num_nodes: int) -> Dict[str, dict]:
@@ -124,6 +125,10 @@ class RandWireNet(Backbone):
             (least activation memory, more bytes moved: benchmarks/README.md).
         compile: ``torch.compile`` this network in place (parameter names unchanged); under
             compilation the stages run the reference ops, which inductor fuses.
+        compile_mode: torch.compile's mode; "reduce-overhead" captures the step in CUDA
+            graphs (for fixed input sizes: launches replayed at once).
+        channels_last: parameters and the input in channels_last (NHWC) memory format, so
+            every activation is NHWC end to end.
     """
 
     def __init__(
@@ -143,9 +148,13 @@ class RandWireNet(Backbone):
         executor: str = DEFAULT_EXECUTOR,
         recompute: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
+        channels_last: bool = False,
     ):
         super().__init__()
         check_executor(executor, recompute)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {compile_mode!r}.")
         if out_features is None:
             out_features = ["linear"] if num_classes else ["res5"]
         out_features = list(out_features)
@@ -194,8 +203,11 @@ class RandWireNet(Backbone):
         if "linear" in out_features:
             self.head = ClassifierHead(prev, num_classes, head_channels=head_channels, norm=norm, dropout=dropout)
         self.freeze(freeze_at)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
         if compile:
-            self.compile()
+            self.compile(mode=None if compile_mode == "default" else compile_mode)
 
     def _record(self, name: str, channels: int):
         self._out_feature_channels[name] = channels
@@ -228,6 +240,8 @@ class RandWireNet(Backbone):
                 f"RandWireNet expects (N, {self.stem.conv1.in_channels}, H, W) input, got {tuple(x.shape)}."
             )
         outputs = {}
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if "stem" in self._out_features:
             outputs["stem"] = x

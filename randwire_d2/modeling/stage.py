@@ -5,14 +5,14 @@
 for backward and bytes moved. Both use the same per-node ``NodeOp`` parameters, so
 state_dicts and checkpoints are interchangeable.
 """
-from typing import Dict, FrozenSet, List
+from typing import Dict, FrozenSet, List, Optional
 
 import torch
 from torch import nn
 
 from ..graphs import GraphSpec
 from .lean import lean_forward
-from .node import NodeOp
+from .node import NodeOp, keep_from_uniform
 
 EXECUTORS = ("reference", "lean")
 DEFAULT_EXECUTOR = "lean"  # benchmarks/README.md: saved and moved bytes vs ResNet-50
@@ -83,15 +83,60 @@ class RandWireStage(nn.Module):
         self.free_after: Dict[int, List[int]] = {}
         for u, v in last_use.items():
             self.free_after.setdefault(v, []).append(u)
+        # the weighted nodes (>1 input): their edges numbered node by node, in topological order
+        self.weighted_nodes: List[int] = [v for v in graph.topological_order if len(graph.predecessors[v]) > 1]
+        self.edge_counts: List[int] = [len(graph.predecessors[v]) for v in self.weighted_nodes]
+        self._layout: Dict[str, tuple] = {}  # device -> (valid, positions) for DropPath
+
+    def _drop_layout(self, device):
+        """(padding (M, K, 1) bool, positions (E,) long): the edges inside an (M, K) padded grid."""
+        key = str(device)
+        if key not in self._layout:
+            width = max(self.edge_counts)
+            pad = torch.tensor([[i >= k for i in range(width)] for k in self.edge_counts], device=device)
+            pos = torch.tensor([m * width + i for m, k in enumerate(self.edge_counts) for i in range(k)],
+                               device=device)
+            self._layout[key] = (pad[:, :, None], pos)
+        return self._layout[key]
+
+    def flat_aggregation_weights(self, batch: int, device) -> Optional[torch.Tensor]:
+        """The aggregation weights of every weighted node in one go: (E,), or (E, batch) with
+        DropPath in training, rows in ``weighted_nodes`` edge order (None if there are none).
+
+        One sigmoid and one mask draw per stage instead of per node: DropPath drops each edge
+        with probability ``rate`` per sample, a sample that lost all of a node's edges keeps
+        one (``keep_from_uniform``), and kept weights are scaled by 1/(1-rate).
+        """
+        if not self.weighted_nodes:
+            return None
+        nodes = [self.nodes[v] for v in self.weighted_nodes]
+        sig = torch.sigmoid(torch.cat([n.agg_weight for n in nodes]))
+        rate = nodes[0].drop_path
+        if not (nodes[0].training and rate > 0.0):
+            return sig
+        if any(n.drop_path != rate for n in nodes):
+            raise ValueError("RandWireStage: every node of a stage needs the same drop_path rate.")
+        pad, pos = self._drop_layout(device)
+        u = torch.rand(len(nodes), pad.shape[1], batch, device=device).masked_fill_(pad, -1.0)
+        keep = keep_from_uniform(u, rate).reshape(-1, batch)[pos]
+        return keep * (sig * (1.0 / (1.0 - rate)))[:, None]
+
+    def aggregation_weights(self, batch: int, device) -> Dict[int, torch.Tensor]:
+        """{weighted node: its weights, (k,) or (k, batch)} (``flat_aggregation_weights``)."""
+        flat = self.flat_aggregation_weights(batch, device)
+        if flat is None:
+            return {}
+        return dict(zip(self.weighted_nodes, flat.split(self.edge_counts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.executor == "lean" and not _compiling():
             return lean_forward(self, x)
         live: Dict[int, torch.Tensor] = {}
         total = None
+        weights = self.aggregation_weights(x.shape[0], x.device)
         for v in self.graph.topological_order:
             preds = self.graph.predecessors[v]
-            out = self.nodes[v]([live[u] for u in preds] if preds else [x])
+            out = self.nodes[v]([live[u] for u in preds] if preds else [x], weights.get(v))
             for u in self.free_after.get(v, ()):
                 del live[u]
             if v in self.output_node_set:

@@ -4,7 +4,9 @@ train = dict(
     output_dir="./output/lazy",
     init_checkpoint="",  # MODEL.WEIGHTS of the yaml configs
     max_iter=90000,
-    amp=dict(enabled=False),  # options for Automatic Mixed Precision (CUDA only)
+    # precision: "auto" (bf16 on CUDA where supported, else fp16 if enabled, else fp32; fp32 on
+    # CPU), "fp32", "bf16" (autocast) or "fp16" (autocast + GradScaler): randwire_d2/engine/precision.py
+    amp=dict(enabled=False, precision="auto"),
     ddp=dict(  # options for DistributedDataParallel
         broadcast_buffers=False,
         find_unused_parameters=False,
