@@ -20,7 +20,7 @@ from conftest import REPO
 TWINS = {
     "baselines/faster_rcnn_R_50_FPN_1x.yaml": ("randwire_frcnn.yaml", True),
     "baselines/faster_rcnn_R_50_FPN_demo.yaml": ("demo/randwire_frcnn_demo.yaml", False),
-    "baselines/faster_rcnn_R_50_FPN_finetune.yaml": ("custom/randwire_frcnn_finetune.yaml", True),
+    "baselines/faster_rcnn_R_50_FPN_finetune.yaml": ("custom/randwire_frcnn_finetune.yaml", False),
 }
 BACKBONE_KEYS = ("MODEL.BACKBONE.NAME", "MODEL.RESNETS.", "MODEL.RANDWIRE.", "OUTPUT_DIR")
 

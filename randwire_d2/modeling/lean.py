@@ -329,16 +329,6 @@ class _InputLevel(torch.autograd.Function):
         return (None, grad_x, *(g for gp in grad_params for g in gp))
 
 
-def _weighted_sum_relu_(weights: torch.Tensor, xs: List[torch.Tensor]) -> torch.Tensor:
-    """ReLU(sum_i w_i x_i) into one fresh tensor; ``weights`` is (k,) or per-sample (k, B)."""
-    w = weights.to(xs[0].dtype)
-    w = w.reshape(len(xs), -1, 1, 1, 1) if w.dim() == 2 else w
-    out = xs[0] * w[0]
-    for x, wi in zip(xs[1:], w[1:]):
-        out.addcmul_(x, wi)
-    return out.relu_()
-
-
 class _NodeFunction(torch.autograd.Function):
     """A node fed by other nodes: weighted sum + ReLU -> depthwise 3x3 -> 1x1 -> norm.
 
