@@ -45,7 +45,9 @@ def add_randwire_config(cfg: CN) -> CN:
     rw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     rw.NORM = "BN"
     rw.DROP_PATH = 0.0
-    rw.EXECUTOR = "lean"  # or "reference" (the paper's spec): randwire_d2/modeling/lean.py
+    # "auto": lean on CUDA, the reference on CPU (faster there); or "lean" / "reference" (the
+    # paper's spec) everywhere: randwire_d2/modeling/stage.py, lean.py
+    rw.EXECUTOR = "auto"
     # lean only: keep just node outputs for backward (least memory, ~18% more bytes moved)
     rw.RECOMPUTE = False
     # torch.compile the RandWire network (the backbone, not the whole detector)
@@ -165,8 +167,8 @@ def randwire_kwargs(cfg: CN) -> dict:
            + (" ('fused' and 'batched' were removed: 'lean' keeps and moves fewer bytes)"
               if rw.EXECUTOR in ("fused", "batched") else ""))
     _check(isinstance(rw.RECOMPUTE, bool), "RECOMPUTE", rw.RECOMPUTE, "true or false")
-    _check(not rw.RECOMPUTE or rw.EXECUTOR == "lean", "RECOMPUTE", rw.RECOMPUTE,
-           f"recompute needs MODEL.RANDWIRE.EXECUTOR 'lean', not {rw.EXECUTOR!r}")
+    _check(not rw.RECOMPUTE or rw.EXECUTOR != "reference", "RECOMPUTE", rw.RECOMPUTE,
+           f"recompute needs MODEL.RANDWIRE.EXECUTOR 'lean' or 'auto', not {rw.EXECUTOR!r}")
     _check(isinstance(rw.COMPILE, bool), "COMPILE", rw.COMPILE, "true or false")
     _check(rw.COMPILE_MODE in COMPILE_MODES, "COMPILE_MODE", rw.COMPILE_MODE, f"allowed are {list(COMPILE_MODES)}")
     _check(isinstance(rw.OUT_FEATURES, (list, tuple)), "OUT_FEATURES", rw.OUT_FEATURES,

@@ -373,3 +373,25 @@ def test_edge_gradients_are_matmuls_into_one_buffer():
     assert hist["stack"] == 2 + 2  # BN terms (gamma, invstd); input level (gradients, filters)
     assert hist["cat"] == 1  # the edge rows of the stage, once
     assert hist["mul"] < sum(fast.edge_counts)  # edge products: the gradient tape's first adds only
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_auto_executor_runs_the_reference_on_cpu_and_lean_on_cuda(monkeypatch, recompute):
+    """"auto" (the default): the CPU runs the reference (faster there: benchmarks/README.md),
+    a CUDA device lean; RECOMPUTE asks for lean's memory, so it runs lean on any device."""
+    from randwire_d2.modeling import stage as stage_module
+
+    spec = generate_graph("WS", 8, 0, **GENERATORS["WS"])
+    stage = RandWireStage(spec, 4, 8, recompute=recompute)
+    assert stage.executor == "auto"
+    lean_calls = []
+    real = stage_module.lean_forward
+    monkeypatch.setattr(stage_module, "lean_forward", lambda s, x: lean_calls.append(x.device) or real(s, x))
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    stage(x).sum().backward()
+    assert lean_calls == ([torch.device("cpu")] if recompute else [])
+    resolve = stage_module.resolve_executor
+    assert resolve("auto", recompute, torch.device("cuda", 0)) == "lean"
+    assert resolve("auto", recompute, torch.device("cpu")) == ("lean" if recompute else "reference")
+    assert resolve("lean", False, torch.device("cpu")) == "lean"
+    assert resolve("reference", False, torch.device("cuda")) == "reference"

@@ -5,6 +5,7 @@
     python tools/benchmark.py --tiny --device cpu --json /tmp/bench.json     # CI size, < 60 s
     python tools/benchmark.py --cost-only --presets regular-c109 --json benchmarks/cost.json
     python tools/benchmark.py --detection-cost --json benchmarks/detection-cost.json   # FPN step cost
+    python tools/benchmark.py --executor-timing --json benchmarks/executors-cpu.json  # EXECUTOR auto's CPU choice
     python tools/benchmark.py --suite gpu              # the one-call GPU proof (benchmarks/README.md)
     python tools/benchmark.py --suite gpu --device cpu --smoke --json /tmp/suite.json  # CI, ~35 s
 
@@ -121,6 +122,9 @@ def parse_args(argv=None):
     ap.add_argument("--detection-cost", action="store_true",
                     help="only the cost model of a Faster R-CNN FPN training step, RandWire-FPN vs R50-FPN "
                          "(--det-batch images of --det-size; default 2 x 800,1216; CPU, fp32)")
+    ap.add_argument("--executor-timing", action="store_true",
+                    help="only the demo config's CPU training step per executor, s/it (what EXECUTOR auto "
+                         "picks on a CPU; --executors, --repeats rounds, --det-config another yaml)")
     ap.add_argument("--det-config", default=None,
                     help="RandWire-FPN yaml of --detection-cost (default configs/randwire_frcnn.yaml)")
     ap.add_argument("--no-regions", dest="regions", action="store_false",
@@ -170,6 +174,12 @@ def main(argv=None):
         default = f"benchmarks/gpu-suite-{args.device}{'-smoke' if args.smoke else ''}-{datetime.date.today()}.json"
         return run_gpu_suite(device=args.device, smoke=args.smoke, json_path=args.json or default,
                              command=command, log=log)
+    if args.executor_timing:
+        from randwire_d2.benchmark.executors import DEMO_CONFIG, time_executors
+
+        return time_executors(args.det_config or DEMO_CONFIG, executors=tuple(_csv(args.executors)),
+                              rounds=args.repeats or 3, threads=settings.threads, json_path=args.json,
+                              command=command, date=args.date, log=log)
     if args.detection_cost:
         from randwire_d2.benchmark.detection_cost import run_detection_cost
 

@@ -130,7 +130,7 @@ class _StageTape:
             nodes = list(self.bn_inputs)
             gamma = torch.stack([self.bn_inputs[u][0] for u in nodes])
             invstd = torch.stack([self.bn_inputs[u][1] for u in nodes])
-            safe = torch.where(gamma >= 0, gamma.clamp_min(GAMMA_EPS), gamma.clamp_max(-GAMMA_EPS))
+            safe = gamma.abs().clamp_min_(GAMMA_EPS).copysign_(gamma)  # |gamma| >= EPS, gamma's sign
             weight, inv = gamma * safe * invstd, safe.reciprocal()
             self._bn_terms = {u: (weight[i], inv[i]) for i, u in enumerate(nodes)}
         return self._bn_terms[v]
@@ -318,11 +318,13 @@ class _InputLevel(torch.autograd.Function):
             [need[1], any(need[2 + 4 * j] for j in range(k)), False],
         )
         del grad_int
-        if grad_w_int is not None:  # one contiguous copy per node: a view would be copied again by autograd
-            per_node = grad_w_int.view(c_in, k, 1, 3, 3)
+        if grad_w_int is not None:
+            # one node-major copy for the stage: each node's gradient is a contiguous slice,
+            # which AccumulateGrad takes as it is (a strided slice it would copy, node by node)
+            per_node = _contiguous_as(grad_w_int.view(c_in, k, 1, 3, 3).transpose(0, 1), params[0].dtype)
             for j in range(k):
                 if need[2 + 4 * j]:
-                    grad_params[j][0] = _contiguous_as(per_node[:, j], params[0].dtype)
+                    grad_params[j][0] = per_node[j]
         grad_x = None
         if grad_r is not None:
             grad_x = torch.ops.aten.threshold_backward(grad_r.to(r.dtype), r, 0)

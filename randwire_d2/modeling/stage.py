@@ -1,9 +1,11 @@
 """A RandWire stage: one DAG run node by node.
 
 ``executor="reference"`` is the executable spec of the paper (this module's loop);
-``"lean"`` (the default, :mod:`.lean`) computes the same with far fewer activations kept
-for backward and bytes moved. Both use the same per-node ``NodeOp`` parameters, so
-state_dicts and checkpoints are interchangeable.
+``"lean"`` (:mod:`.lean`) computes the same with far fewer activations kept for backward
+and bytes moved; ``"auto"`` (the default) picks per input device: lean on a GPU, where
+memory traffic is what a step pays for, the reference on a CPU, which is compute-bound
+and runs it faster (benchmarks/README.md, "Executors on CPU"). All use the same per-node
+``NodeOp`` parameters, so state_dicts and checkpoints are interchangeable.
 """
 from typing import Dict, FrozenSet, List, Optional
 
@@ -14,8 +16,8 @@ from ..graphs import GraphSpec
 from .lean import lean_forward
 from .node import NodeOp, keep_from_uniform
 
-EXECUTORS = ("reference", "lean")
-DEFAULT_EXECUTOR = "lean"  # benchmarks/README.md: saved and moved bytes vs ResNet-50
+EXECUTORS = ("auto", "reference", "lean")
+DEFAULT_EXECUTOR = "auto"
 _REMOVED = {"fused": "lean", "batched": "lean"}
 
 
@@ -33,8 +35,16 @@ def check_executor(executor: str, recompute: bool = False) -> None:
         )
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}.")
-    if recompute and executor != "lean":
-        raise ValueError(f"recompute=True needs the 'lean' executor, got {executor!r}.")
+    if recompute and executor == "reference":
+        raise ValueError("recompute=True needs the 'lean' (or 'auto') executor, got 'reference'.")
+
+
+def resolve_executor(executor: str, recompute: bool, device: torch.device) -> str:
+    """The executor a stage runs on ``device``: "auto" is lean on CUDA (and wherever
+    ``recompute`` asks for lean's memory), the reference elsewhere (faster on a CPU)."""
+    if executor != "auto":
+        return executor
+    return "lean" if recompute or device.type == "cuda" else "reference"
 
 
 class RandWireStage(nn.Module):
@@ -42,7 +52,8 @@ class RandWireStage(nn.Module):
 
     The unique input node feeds every in-degree-0 node (stride 2, channel change);
     the unique output node is the unweighted mean of the out-degree-0 nodes.
-    ``recompute`` (lean only): keep only node outputs for backward, recompute the rest.
+    ``recompute`` (lean; "auto" then runs lean everywhere): keep only node outputs for
+    backward, recompute the rest.
     """
 
     def __init__(
@@ -129,7 +140,7 @@ class RandWireStage(nn.Module):
         return dict(zip(self.weighted_nodes, flat.split(self.edge_counts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.executor == "lean" and not _compiling():
+        if resolve_executor(self.executor, self.recompute, x.device) == "lean" and not _compiling():
             return lean_forward(self, x)
         live: Dict[int, torch.Tensor] = {}
         total = None

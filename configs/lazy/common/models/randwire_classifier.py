@@ -19,7 +19,7 @@ model = L(RandWireClassifier)(
         head_channels=1280,
         dropout=0.2,
         freeze_at=0,
-        executor="lean",
+        executor="auto",
         recompute=False,
         compile=False,
     ),

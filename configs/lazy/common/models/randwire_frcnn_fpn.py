@@ -30,7 +30,7 @@ model = L(GeneralizedRCNN)(
             drop_path=0.0,
             out_features=["res2", "res3", "res4", "res5"],
             freeze_at=2,  # stem + res2, as for ResNets
-            executor="lean",  # or "reference" (the paper's spec)
+            executor="auto",  # lean on CUDA, reference on CPU; or "lean" / "reference" everywhere
             recompute=False,  # lean only: least activation memory, more bytes moved
             compile=False,  # torch.compile the backbone
         ),
