@@ -135,3 +135,25 @@ def test_training_cost_counts_ops_and_takes_list_inputs():
     b = training_cost(Stacking(conv), [x[0], x[1]], loss_fn=lambda out: out.sum())
     assert a["ops_per_step"] > 3 and a["ops_per_step"] == training_cost(conv, x, loss_fn=lambda o: o.sum())["ops_per_step"]
     assert b["saved_mb_per_img"] == pytest.approx(a["saved_mb_per_img"])  # per image: len(list) images
+
+
+def test_executor_timing_times_each_executor_in_alternating_rounds(tmp_path, monkeypatch):
+    """--executor-timing: the demo config's training step per executor, same process."""
+    from conftest import REPO
+    from randwire_d2.benchmark import executors
+
+    monkeypatch.chdir(REPO)
+    order = []
+    real = executors.apply_executor
+    monkeypatch.setattr(executors, "apply_executor", lambda m, e: order.append(e) or real(m, e))
+    path = tmp_path / "exec.json"
+    result = executors.time_executors(
+        opts=["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "SOLVER.IMS_PER_BATCH", "2"],
+        batches=1, rounds=2, json_path=str(path), log=lambda *_: None)
+    # warm-up lean, reference; then round 0 lean first, round 1 reference first
+    assert order == ["lean", "reference", "lean", "reference", "reference", "lean"]
+    rows = {r["executor"]: r for r in result["rows"]}
+    assert set(rows) == {"lean", "reference"} and all(len(r["rounds_s_per_it"]) == 2 for r in rows.values())
+    assert all(r["s_per_it"] > 0 for r in rows.values())
+    assert result["fastest"] == min(rows, key=lambda e: rows[e]["s_per_it"])
+    assert json.loads(path.read_text())["rows"] == result["rows"]
