@@ -39,7 +39,7 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from .errors import WorkerError, one_line
-from .preemption import RunStopped, forward_stop_signals
+from .preemption import RunStopped, forward_stop_signals, ignore_stop_signals
 
 __all__ = ["DEFAULT_TIMEOUT", "check_port_free", "die_with_parent", "launch", "uses_cuda"]
 
@@ -236,6 +236,7 @@ class _Worker:
         try:
             return self.main_func(*args)
         except RunStopped as stop:  # not a failure: tell the launcher, exit normally
+            ignore_stop_signals()
             report = {"rank": _rank(), "signum": stop.signum, "iteration": stop.iteration,
                       "checkpoint": stop.checkpoint}
             with open(os.path.join(self.error_dir, f"stop.{os.getpid()}.json"), "w") as f:

@@ -18,7 +18,7 @@ from .hooks import ExactResumeHook
 from .launch import launch, uses_cuda
 from .lazy_config import check_override_keys, check_train_settings, load_config, train_precision  # noqa: F401  (re-exported)
 from .precision import PrecisionTrainer
-from .preemption import RunStopped, StopHook, stop_on_signals
+from .preemption import RunStopped, StopHook, ignore_stop_signals, stop_on_signals
 from .provenance import describe_weights, training_weights
 from .results import write_results
 from .slurm import add_slurm_arguments, submit
@@ -153,6 +153,7 @@ def run(args) -> None:
     try:
         launch_from_args(args)
     except RunStopped as stop:
+        ignore_stop_signals()
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # ours name the key, file or value

@@ -39,6 +39,7 @@ __all__ = [
     "RunStopped",
     "StopHook",
     "forward_stop_signals",
+    "ignore_stop_signals",
     "stop_on_signals",
     "stop_requested",
 ]
@@ -80,6 +81,15 @@ class _State:
 
 
 _state = _State()
+
+
+def ignore_stop_signals() -> None:
+    """For a process leaving after :class:`RunStopped`: a terminal or SLURM often sends a
+    second signal (SIGTERM then SIGINT/SIGKILL), which must not turn a clean exit into a
+    KeyboardInterrupt traceback while the process joins its children."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 def stop_requested() -> Optional[int]:

@@ -16,7 +16,7 @@ from .defaults import setup, setup_cfg
 from .errors import TrainingError, WorkerError, debug_enabled, log_failure, one_line
 from .launch import launch, uses_cuda
 from .output_dir import OutputDirLock, check_existing_results
-from .preemption import RunStopped, stop_on_signals
+from .preemption import RunStopped, ignore_stop_signals, stop_on_signals
 from .preflight import check_before_launch
 from .provenance import check_checkpoint_classes
 from .slurm import add_slurm_arguments, submit
@@ -122,6 +122,7 @@ def run(args) -> None:
     try:
         launch_from_args(args)
     except RunStopped as stop:
+        ignore_stop_signals()
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)
     except Exception as exc:
