@@ -95,3 +95,30 @@ def log_failure(exc: BaseException) -> None:
     log = logging.getLogger("randwire_d2")
     if log.handlers and not isinstance(exc, TrainingError):
         log.error(f"Run failed: {one_line(exc)}", exc_info=exc)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a tool prints for a failed run."""
+    where = " (traceback: RANDWIRE_DEBUG=1"
+    if isinstance(exc, (TrainingError, WorkerError)):
+        where += ", or OUTPUT_DIR/log.txt"
+    return f"error: {one_line(exc)}{where})"
+
+
+def run_command(launch_from_args, args) -> None:
+    """A tool's ``launch_from_args(args)`` as a command line: one line and exit status 1 on
+    a failure (the traceback with RANDWIRE_DEBUG=1), one line and 128 + signal on a stop."""
+    import sys
+
+    from .preemption import RunStopped, ignore_stop_signals
+
+    try:
+        launch_from_args(args)
+    except RunStopped as stop:
+        ignore_stop_signals()
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        sys.exit(error_line(exc))

@@ -18,7 +18,8 @@ from .hooks import ExactResumeHook
 from .launch import launch, uses_cuda
 from .lazy_config import check_override_keys, check_train_settings, load_config, train_precision  # noqa: F401  (re-exported)
 from .precision import PrecisionTrainer
-from .preemption import RunStopped, StopHook, ignore_stop_signals, stop_on_signals
+from .errors import run_command
+from .preemption import StopHook, stop_on_signals
 from .provenance import describe_weights, training_weights
 from .results import write_results
 from .slurm import add_slurm_arguments, submit
@@ -146,17 +147,6 @@ def launch_from_args(args):
 
 
 def run(args) -> None:
-    """launch_from_args for the command line: one ``error:`` line on a failure, one line
-    and exit status 128 + signal on a stop signal."""
-    import sys
-
-    try:
-        launch_from_args(args)
-    except RunStopped as stop:
-        ignore_stop_signals()
-        print(stop, file=sys.stderr)
-        sys.exit(stop.exit_code)
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # ours name the key, file or value
-        if os.environ.get("RANDWIRE_DEBUG") or (isinstance(exc, KeyError) and "Non-existent" not in str(exc)):
-            raise
-        sys.exit(f"error: {exc}\n(set RANDWIRE_DEBUG=1 for the traceback)")
+    """launch_from_args for the command line (:func:`.errors.run_command`): one ``error:``
+    line on a failure, one line and exit status 128 + signal on a stop signal."""
+    run_command(launch_from_args, args)

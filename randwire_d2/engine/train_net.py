@@ -1,11 +1,10 @@
 """What ``tools/train_net.py`` runs (yaml configs): its argument parser, the checks and
 OUTPUT_DIR lock before any process starts, the launch, and each process's ``main``
-(train, or ``--eval-only``); :func:`error_line` is the one-line message of a failed run,
+(train, or ``--eval-only``); :func:`.errors.error_line` is the one-line message of a failed run,
 :func:`run` the command line's exit (one line, status 1 on failure, 128 + signal on a stop
 signal). ``--launcher slurm`` submits the run as one SLURM job instead (:mod:`.slurm`)."""
 import contextlib
 import os
-import sys
 
 from detectron2.engine import default_argument_parser
 
@@ -13,10 +12,10 @@ from ..checkpoint import RandWireCheckpointer
 from ..config import is_classification
 from ..data.custom import check_detection_datasets
 from .defaults import setup, setup_cfg
-from .errors import TrainingError, WorkerError, debug_enabled, log_failure, one_line
+from .errors import error_line, log_failure, run_command  # noqa: F401  (error_line re-exported)
 from .launch import launch, uses_cuda
 from .output_dir import OutputDirLock, check_existing_results
-from .preemption import RunStopped, ignore_stop_signals, stop_on_signals
+from .preemption import stop_on_signals
 from .preflight import check_before_launch
 from .provenance import check_checkpoint_classes
 from .slurm import add_slurm_arguments, submit
@@ -109,23 +108,6 @@ def submit_to_slurm(args, cfg):
     return job
 
 
-def error_line(exc: BaseException) -> str:
-    where = " (traceback: RANDWIRE_DEBUG=1"
-    if isinstance(exc, (TrainingError, WorkerError)):
-        where += ", or OUTPUT_DIR/log.txt"
-    return f"error: {one_line(exc)}{where})"
-
-
 def run(args) -> None:
-    """launch_from_args for the command line: exits with one line on failure (status 1)
-    or on a stop signal (128 + signal, e.g. 143 for SIGTERM)."""
-    try:
-        launch_from_args(args)
-    except RunStopped as stop:
-        ignore_stop_signals()
-        print(stop, file=sys.stderr)
-        sys.exit(stop.exit_code)
-    except Exception as exc:
-        if debug_enabled():
-            raise
-        sys.exit(error_line(exc))
+    """launch_from_args for the command line (:func:`.errors.run_command`)."""
+    run_command(launch_from_args, args)
