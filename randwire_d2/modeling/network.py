@@ -122,8 +122,9 @@ class RandWireNet(Backbone):
         freeze_at: 0 none, 1 the stem, k>=2 the stem and res2..res{k}.
         executor: how stages run their DAG: "auto" (default: lean on CUDA, reference on CPU),
             "lean" or "reference" (same parameters).
-        recompute: lean (and "auto", which then runs lean everywhere); keep just node outputs for backward and recompute the rest
-            (least activation memory, more bytes moved: benchmarks/README.md).
+        recompute: lean (and "auto", which then runs lean everywhere); keep just node outputs
+            for backward and recompute the rest (least activation memory, more bytes moved:
+            benchmarks/README.md).
         compile: ``torch.compile`` this network in place (parameter names unchanged); under
             compilation the stages run the reference ops, which inductor fuses.
         compile_mode: torch.compile's mode; "reduce-overhead" captures the step in CUDA
