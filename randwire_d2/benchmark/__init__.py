@@ -6,14 +6,12 @@ speed/memory run (fields in ``tools/benchmark.py``'s docstring).
 """
 from __future__ import annotations
 
-import datetime
-
 import torch
 
 from .classification import run_classification
 from .detection import run_detection
 from .measure import memory_kind
-from .report import CLS_HEADER, DET_HEADER, device_info, ratios, versions, write_json
+from .report import CLS_HEADER, DET_HEADER, ratios, run_record, write_json
 from .settings import PRESETS, Settings
 
 __all__ = ["PRESETS", "Settings", "run_benchmark"]
@@ -27,11 +25,7 @@ def run_benchmark(s: Settings, *, command: str, date=None, json_path=None, log=p
     import randwire_d2  # noqa: F401  (registers the backbones)
 
     result = {
-        "schema": 1,
-        "date": date or datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": command,
-        "device": device_info(device, torch.get_num_threads()),
-        "versions": versions(),
+        **run_record(command, device, date),
         "settings": {
             "tiny": s.tiny, "batch": s.batch, "image_size": s.image_size,
             "det_batch": s.det_batch, "det_size": list(s.det_size), "warmup": s.warmup,

@@ -113,13 +113,9 @@ def detection_cost(*, images: int = 2, size=(800, 1216), tiny: bool = False, reg
 def run_detection_cost(*, command: str, images: int, size, tiny: bool, regions: bool = True, date=None,
                        randwire_config=None, json_path=None, log=print):
     """:func:`detection_cost` with the run's date, command, device and versions; written to ``json_path``."""
-    import datetime
+    from .report import run_record, write_json
 
-    from .report import device_info, versions, write_json
-
-    result = {"schema": 1, "date": date or datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": command, "device": device_info(torch.device("cpu"), torch.get_num_threads()),
-              "versions": versions()}
+    result = run_record(command, "cpu", date)
     result.update(detection_cost(images=images, size=size, tiny=tiny, regions=regions,
                                  randwire_config=randwire_config, log=log))
     for r in result["ratios"]:

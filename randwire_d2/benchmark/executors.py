@@ -8,7 +8,6 @@ process (so drift of a shared machine hits both), median seconds per iteration.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import statistics
 import time
@@ -16,7 +15,7 @@ import time
 import torch
 
 from .classification import apply_executor
-from .report import device_info, versions, write_json
+from .report import run_record, write_json
 
 __all__ = ["DEMO_CONFIG", "time_executors"]
 
@@ -74,10 +73,8 @@ def time_executors(config_file: str = DEMO_CONFIG, *, opts=(), executors=("lean"
         log(f"{r['executor']:>10}: {r['s_per_it']:.3f} s/it  (rounds {r['rounds_s_per_it']})")
     log(f"fastest on this CPU: {fastest}")
     result = {
-        "schema": 1, "what": "executor timing (training step, s/it, median of rounds)",
-        "date": date or datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+        **run_record(command, "cpu", date), "what": "executor timing (training step, s/it, median of rounds)",
         "config": config_file, "opts": list(opts), "batches": batches, "rounds": rounds,
-        "device": device_info(torch.device("cpu"), torch.get_num_threads()), "versions": versions(),
         "rows": rows, "fastest": fastest,
     }
     if json_path:

@@ -9,7 +9,7 @@ import torch
 
 from .measure import rnd
 
-__all__ = ["CLS_HEADER", "DET_HEADER", "cls_line", "det_line", "device_info", "ratios", "versions",
+__all__ = ["CLS_HEADER", "DET_HEADER", "cls_line", "det_line", "device_info", "ratios", "run_record", "versions",
            "write_json"]
 
 
@@ -118,3 +118,13 @@ def write_json(result, path):
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, path)
+
+
+def run_record(command: str, device, date=None) -> dict:
+    """What every benchmark JSON starts with: schema, date (``date`` or now), the command,
+    the device (with torch's thread count) and the versions."""
+    import datetime
+
+    return {"schema": 1, "date": date or datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": command, "device": device_info(torch.device(device), torch.get_num_threads()),
+            "versions": versions()}

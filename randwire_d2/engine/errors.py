@@ -11,6 +11,7 @@ log file (and to the console with ``RANDWIRE_DEBUG=1``).
 import logging
 import os
 import re
+import sys
 
 __all__ = ["TrainingError", "WorkerError", "debug_enabled", "hide_console_tracebacks", "log_failure", "one_line"]
 
@@ -108,9 +109,7 @@ def error_line(exc: BaseException) -> str:
 def run_command(launch_from_args, args) -> None:
     """A tool's ``launch_from_args(args)`` as a command line: one line and exit status 1 on
     a failure (the traceback with RANDWIRE_DEBUG=1), one line and 128 + signal on a stop."""
-    import sys
-
-    from .preemption import RunStopped, ignore_stop_signals
+    from .preemption import RunStopped, ignore_stop_signals  # preemption pulls in torch.distributed
 
     try:
         launch_from_args(args)
