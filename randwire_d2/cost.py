@@ -32,15 +32,41 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["ByteCounter", "training_cost"]
 
-# views in all but their schema (reshape of a fresh result): no data moved, no kernel
-_ALIASES = {torch.ops.aten._unsafe_view.default}
+# views in all but their schema (reshape of a fresh result, a second tensor on a storage):
+# no data moved, no kernel
+_ALIASES = {torch.ops.aten._unsafe_view.default, torch.ops.aten.set_.source_Storage_storage_offset}
+# gathers: read only the table rows their indices name (operand 0: table, 1: indices)
+_GATHERS = {torch.ops.aten._embedding_bag_forward_only.default, torch.ops.aten._embedding_bag.default}
+
+
+# allocations: no memory touched (their results are counted where an op writes them)
+_ALLOCATIONS = {"empty", "new_empty", "empty_like", "empty_strided"}
+
+
+def _operand_bytes(func, args, kwargs, out) -> int:
+    if func.overloadpacket.__name__ in _ALLOCATIONS:
+        return 0
+    kwargs = kwargs or {}
+    # an out= argument is written, not read: it is counted once, as the result
+    outs = {a.name for a in func._schema.arguments if a.is_out}
+    read = {k: v for k, v in kwargs.items() if k not in outs}
+    tensors = tree_flatten((args, read, out))[0]
+    total = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    if func in _GATHERS:  # the rows read, not the whole table (checked by page faults: tests/test_cost.py)
+        table, indices = args[0], args[1]
+        total -= table.numel() * table.element_size()
+        total += indices.numel() * table[0].numel() * table.element_size()
+    return total
 
 
 class ByteCounter(TorchDispatchMode):
     """Sum of operand and result sizes of every ATen op run under it, and the op count (views excluded).
 
     ``ops``: non-view ATen ops, about one kernel launch each on a GPU (a few launch none:
-    ``empty`` allocations, e.g. the one CPU's ``batch_norm`` makes per call); ``histogram``
+    ``empty`` allocations, e.g. the one CPU's ``batch_norm`` makes per call). ``bytes``:
+    allocations touch no memory, an ``out=`` tensor is written (counted once, as the
+    result), a gather (``embedding_bag``) reads the table rows its indices name, not the
+    whole table. ``histogram``
     (``keep_histogram=True``): the count per op name, to see where they go.
     """
 
@@ -56,9 +82,7 @@ class ByteCounter(TorchDispatchMode):
             self.ops += func.namespace == "aten"  # not profiler markers (record_function)
             if self.histogram is not None:
                 self.histogram[str(func.overloadpacket.__name__)] += 1
-            for t in tree_flatten((args, kwargs or {}, out))[0]:
-                if isinstance(t, torch.Tensor):
-                    self.bytes += t.numel() * t.element_size()
+            self.bytes += _operand_bytes(func, args, kwargs, out)
         return out
 
 

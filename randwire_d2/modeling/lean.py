@@ -49,11 +49,12 @@ from torch.nn import functional as F
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.utils import comm
 
-__all__ = ["GAMMA_EPS", "lean_forward"]
+__all__ = ["GAMMA_EPS", "BagPlan", "lean_forward"]
 
 GAMMA_EPS = 1e-6
 _conv_backward = torch.ops.aten.convolution_backward.default
 _bn_backward = torch.ops.aten.native_batch_norm_backward.default
+_bn_out = torch.ops.aten.native_batch_norm.out
 
 
 def _weighted_sum_relu_(weights: torch.Tensor, xs: List[torch.Tensor]) -> torch.Tensor:
@@ -93,13 +94,54 @@ class _StageTape:
     * the in-place-ABN backward terms of every BN, computed in one go on first use.
     """
 
-    def __init__(self, edge_offsets: Dict[int, int], num_edges: int):
+    def __init__(self, edge_offsets: Dict[int, int], num_edges: int, num_nodes: int, bags: Dict[int, tuple]):
         self.grads: Dict[int, torch.Tensor] = {}
         self.edge_offsets, self.num_edges = edge_offsets, num_edges
         self.edge_grad: Optional[torch.Tensor] = None
         self.bn_inputs: Dict[int, tuple] = {}  # node -> (gamma, invstd) from the forward
         self.sync_count = 0  # synchronised BN: values per channel over all processes
         self._bn_terms: Optional[Dict[int, tuple]] = None
+        self.num_nodes, self.bags = num_nodes, bags  # node -> (indices, offsets, weights) of its bag
+        # forward only (end_forward drops them: the backward keeps what it needs itself)
+        self.outputs: Optional[torch.Tensor] = None  # (nodes, B, C, H, W): what nodes write
+        self._alias: Optional[torch.Tensor] = None  # the same memory: what nodes return and read
+        self.table: Optional[torch.Tensor] = None  # _alias as (nodes * B, one sample's values)
+        self._stats: Optional[torch.Tensor] = None  # BN's batch mean / invstd per node
+        self._nhwc, self._row_shape = False, None
+
+    def output_rows(self, v: int, like: torch.Tensor, stats_dtype: torch.dtype):
+        """(where node ``v`` writes its output, the tensor it returns for it, its BN's mean and
+        invstd outputs); the stage buffer is allocated on first use, laid out like ``like``.
+
+        Written and returned tensors are two aliases of one storage with their own version
+        counters: each row is written once, before it is returned, and never again, but
+        writing row w would otherwise count as modifying row v (a view of the same base),
+        which autograd refuses for a custom Function's outputs and saved tensors.
+        """
+        if self.outputs is None:
+            b, c, h, w = self._row_shape = like.shape
+            self._nhwc = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+            shape = (self.num_nodes, b, h, w, c) if self._nhwc else (self.num_nodes, b, c, h, w)
+            base = like.new_empty(shape)  # each node's row channels_last if its convolutions give it so
+            alias = like.new_empty(0).set_(base.untyped_storage(), 0, base.shape, base.stride())
+            order = (0, 1, 4, 2, 3) if self._nhwc else (0, 1, 2, 3, 4)
+            self.outputs, self._alias = base.permute(order), alias.permute(order)
+            self.table = alias.view(self.num_nodes * b, -1)
+            self._stats = like.new_empty(2, self.num_nodes, c, dtype=stats_dtype)
+        return self.outputs[v], self._alias[v].detach(), self._stats[0, v], self._stats[1, v]
+
+    def weighted_sum(self, v: int, table: torch.Tensor) -> torch.Tensor:
+        """sum_i w_i[b] x_i[b] over node ``v``'s inputs: one gather-and-sum of their rows of
+        ``table`` (embedding_bag, fp32 accumulation on CUDA) instead of one multiply-add per input."""
+        indices, offsets, weights = self.bags[v]
+        out = F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights)
+        b, c, h, w = self._row_shape
+        return out.view(b, h, w, c).permute(0, 3, 1, 2) if self._nhwc else out.view(b, c, h, w)
+
+    def end_forward(self):
+        """Drop the forward's references to the stage buffer: the node Functions keep the rows
+        (and, recomputing, the table) they need, so it is freed with them after backward."""
+        self.outputs = self._alias = self.table = self._stats = None
 
     def add(self, u: int, delta: torch.Tensor, w: Optional[torch.Tensor]):
         buf = self.grads.get(u)
@@ -167,18 +209,20 @@ def _pw_norm_forward(node, v, mode, tape, factor, z, w_pw, gamma, beta):
     """1x1 conv + norm of ``z``; returns y and what the backward needs (FrozenBN: the scale)."""
     p = F.conv2d(z, w_pw)
     norm = node.conv_pw.norm
+    out, y, mean, invstd = tape.output_rows(v, p, p.dtype if gamma is None else gamma.dtype)
     if mode == "batch":
-        y, _, invstd = torch.native_batch_norm(
-            p, gamma, beta, norm.running_mean, norm.running_var, True, factor, norm.eps
-        )
+        _bn_out(p, gamma, beta, norm.running_mean, norm.running_var, True, factor, norm.eps,
+                out=out, save_mean=mean, save_invstd=invstd)
         tape.bn_inputs[v] = (gamma, invstd)
         return y, None
     if mode == "sync":
-        return _sync_batch_norm_forward(norm, tape, v, p, gamma, beta), None
+        _sync_batch_norm_forward(norm, tape, v, p, gamma, beta, (out, mean, invstd))
+        return y, None
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
     shift = norm.bias - norm.running_mean * scale
     scale = scale.reshape(1, -1, 1, 1).to(p.dtype)
-    return torch.addcmul(shift.reshape(1, -1, 1, 1).to(p.dtype), p, scale), scale
+    torch.addcmul(shift.reshape(1, -1, 1, 1).to(p.dtype), p, scale, out=out)
+    return y, scale
 
 
 def _pw_norm_backward(mode, tape, v, g, y, scale, beta, z, w_pw, need_gamma, need_beta, need_w):
@@ -202,7 +246,7 @@ def _pw_norm_backward(mode, tape, v, g, y, scale, beta, z, w_pw, need_gamma, nee
     return grad_z, grad_w, grad_gamma, grad_beta
 
 
-def _sync_batch_norm_forward(norm, tape, v, p, gamma, beta):
+def _sync_batch_norm_forward(norm, tape, v, p, gamma, beta, outs):
     """detectron2's NaiveSyncBatchNorm (stats_mode ""): the batch statistics averaged over the
     processes with one all-reduce of (mean, mean of squares), biased running variance."""
     var_local, mean = torch.var_mean(p, dim=(0, 2, 3), correction=0)
@@ -215,7 +259,9 @@ def _sync_batch_norm_forward(norm, tape, v, p, gamma, beta):
     tape.bn_inputs[v] = (gamma, (var + norm.eps).rsqrt_())
     tape.sync_count = p.numel() // p.shape[1] * comm.get_world_size()
     # normalise with the global statistics: BN's inference formula, one kernel
-    return torch.native_batch_norm(p, gamma, beta, mean, var, False, 0.0, norm.eps)[0]
+    y, scratch_mean, scratch_invstd = outs
+    _bn_out(p, gamma, beta, mean, var, False, 0.0, norm.eps, out=y, save_mean=scratch_mean,
+            save_invstd=scratch_invstd)
 
 
 def _sync_batch_norm_backward(tape, v, g, y, beta, need_gamma, need_beta):
@@ -344,25 +390,27 @@ class _NodeFunction(torch.autograd.Function):
     def forward(ctx, call, weights, w_dw, w_pw, gamma, beta, *xs):
         node, mode, recompute, tape, v, _, factor = call
         ctx.set_materialize_grads(False)
-        a = _weighted_sum_relu_(weights, xs) if len(xs) > 1 else F.relu(xs[0])
+        a = tape.weighted_sum(v, tape.table).relu_() if len(xs) > 1 else F.relu(xs[0])
         dtype = _compute_dtype(a)
         w_dw_c, w_pw_c = w_dw.to(dtype), w_pw.to(dtype)  # one cast per parameter and step
         z = _depthwise(a.to(dtype), w_dw_c, node.stride)
         y, scale = _pw_norm_forward(node, v, mode, tape, factor, z, w_pw_c, gamma, beta)
         del z
         ctx.call, ctx.dtype = call, dtype
-        ctx.save_for_backward(None if recompute else a, weights, w_dw, w_pw, beta, y, scale, w_dw_c, w_pw_c, *xs)
+        table = tape.table if recompute and len(xs) > 1 else None
+        ctx.save_for_backward(None if recompute else a, weights, w_dw, w_pw, beta, y, scale, w_dw_c, w_pw_c,
+                              table, *xs)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        a, weights, w_dw, w_pw, beta, y, scale, w_dw_c, w_pw_c, *xs = ctx.saved_tensors
+        a, weights, w_dw, w_pw, beta, y, scale, w_dw_c, w_pw_c, table, *xs = ctx.saved_tensors
         node, mode, _, tape, v, preds, _ = ctx.call
         need = ctx.needs_input_grad
         g = tape.pop(v, g)
         if a is None:  # recompute
-            a = _weighted_sum_relu_(weights, xs) if len(xs) > 1 else F.relu(xs[0])
+            a = tape.weighted_sum(v, table).relu_() if len(xs) > 1 else F.relu(xs[0])
         a_c = a.to(ctx.dtype)
         z = _depthwise(a_c, w_dw_c, node.stride)  # recomputed: 9 MACs per element
         grad_z, grad_w_pw, grad_gamma, grad_beta = _pw_norm_backward(
@@ -389,6 +437,36 @@ class _NodeFunction(torch.autograd.Function):
                 tape.add(u, delta, wi)
         return (None, grad_w, _param_grad(grad_w_dw, w_dw), _param_grad(grad_w_pw, w_pw),
                 grad_gamma, grad_beta) + (None,) * len(xs)
+
+
+class BagPlan:
+    """The index tensors of a stage's weighted sums as gathers from its buffer of node outputs
+    (rows ``node * batch + sample``), made once per batch size and device and kept: a step
+    creates none, and a captured step replays the same ones."""
+
+    def __init__(self, predecessors: Dict[int, List[int]]):
+        self.predecessors = predecessors  # weighted node -> its inputs, in edge-row order
+        self._cache: Dict[tuple, tuple] = {}
+
+    def tensors(self, batch: int, device):
+        """({node: (indices, offsets)}, rows, cols): node v's bag of sample b holds its inputs'
+        rows for b; (rows, cols) pick each bag's weights from the (edges, batch) weights."""
+        key = (batch, str(device))
+        if key not in self._cache:
+            if len(self._cache) >= 8:  # a few batch sizes in a run (last batch, eval): keep it small
+                self._cache.clear()
+            index, rows, cols, start = {}, [], [], 0
+            for v, preds in self.predecessors.items():
+                k = len(preds)
+                index[v] = (
+                    torch.tensor([u * batch + b for b in range(batch) for u in preds], device=device),
+                    torch.tensor(range(0, k * batch, k), device=device),
+                )
+                rows += [start + i for _ in range(batch) for i in range(k)]
+                cols += [b for b in range(batch) for _ in range(k)]
+                start += k
+            self._cache[key] = (index, torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+        return self._cache[key]
 
 
 def _mode(node) -> Optional[str]:
@@ -439,15 +517,20 @@ def lean_forward(stage, x: torch.Tensor) -> torch.Tensor:
         offsets, start = {}, 0
         for v, k in zip(stage.weighted_nodes, stage.edge_counts):
             offsets[v], start = start, start + k
-        tape = _StageTape(offsets, start)
         factors = _batch_norm_factors(stage, [v for v, m in enumerate(modes) if m == "batch"])
-        flat = stage.flat_aggregation_weights(x.shape[0], x.device)
-        weights = {}
+        batch = x.shape[0]
+        flat = stage.flat_aggregation_weights(batch, x.device)
+        weights, bags = {}, {}
         if flat is not None:
             if flat.dim() == 1:  # no DropPath: the same weights for every sample
-                flat = flat[:, None].expand(-1, x.shape[0])
+                flat = flat[:, None].expand(-1, batch)
             flat = flat.to(_compute_dtype(x))  # one cast for the stage
             weights = dict(zip(stage.weighted_nodes, flat.split(stage.edge_counts)))
+            # the gathers' weights, every node's in its bag order (sample, input): one index op
+            index, rows, cols = stage.bag_plan.tensors(batch, x.device)
+            bag_weights = flat.detach()[rows, cols].split([k * batch for k in stage.edge_counts])
+            bags = {v: (*index[v], w) for v, w in zip(stage.weighted_nodes, bag_weights)}
+        tape = _StageTape(offsets, start, graph.num_nodes, bags)
         inputs = graph.input_nodes
         params = []
         for v in inputs:
@@ -488,4 +571,6 @@ def lean_forward(stage, x: torch.Tensor) -> torch.Tensor:
                 total.add_(out)
             else:
                 total, fresh = total + out, True
+    if lean:
+        tape.end_forward()
     return total / len(stage.output_node_set)

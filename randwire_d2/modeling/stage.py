@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..graphs import GraphSpec
-from .lean import lean_forward
+from .lean import BagPlan, lean_forward
 from .node import NodeOp, keep_from_uniform
 
 EXECUTORS = ("auto", "reference", "lean")
@@ -97,6 +97,7 @@ class RandWireStage(nn.Module):
         # the weighted nodes (>1 input): their edges numbered node by node, in topological order
         self.weighted_nodes: List[int] = [v for v in graph.topological_order if len(graph.predecessors[v]) > 1]
         self.edge_counts: List[int] = [len(graph.predecessors[v]) for v in self.weighted_nodes]
+        self.bag_plan = BagPlan({v: list(graph.predecessors[v]) for v in self.weighted_nodes})
         self._layout: Dict[str, tuple] = {}  # device -> (valid, positions) for DropPath
 
     def _drop_layout(self, device):
