@@ -376,6 +376,43 @@ def test_edge_gradients_are_matmuls_into_one_buffer():
 
 
 @pytest.mark.parametrize("recompute", [False, True])
+def test_weighted_sums_are_gathers_from_one_stage_buffer(recompute):
+    """Forward: every node output is written into one stage buffer, and each weighted node's
+    sum is one embedding_bag over its rows (no multiply-add per input). Only the node
+    Functions' saved tensors keep the buffer: the stage's tape drops it after the forward."""
+    from randwire_d2.cost import ByteCounter
+
+    spec = generate_graph("WS", 12, 0, **GENERATORS["WS"])
+    ref, fast = pair(spec, 4, 6, "lean", drop_path=0.2)
+    fast.recompute = recompute
+    x = torch.randn(2, 4, 10, 10)
+    torch.manual_seed(3)
+    with ByteCounter(keep_histogram=True) as counter:
+        out = fast.train()(x)
+    hist = counter.histogram
+    assert hist["_embedding_bag_forward_only"] == len(fast.weighted_nodes)
+    assert hist["addcmul_"] == 0 and hist["mul"] == 2  # none per input (2: DropPath's scaling)
+    assert hist["native_batch_norm"] == spec.num_nodes  # each written into the buffer (out=)
+    torch.manual_seed(3)
+    assert torch.allclose(out, ref.train()(x), atol=1e-5, rtol=1e-5)
+    fn, seen = out.grad_fn, set()
+    while type(fn).__name__ != "_NodeFunctionBackward":  # a sink's node
+        seen.add(fn)
+        fn = next(f for f, _ in fn.next_functions if f is not None and f not in seen)
+    tape = fn.call[3]
+    assert tape.outputs is None and tape.table is None  # the forward's references, dropped
+    buffer = fn.saved_tensors[5].untyped_storage()  # the node's output: a row of the buffer
+    assert buffer.nbytes() == spec.num_nodes * out.numel() * 4
+    del buffer
+    with ByteCounter(keep_histogram=True) as counter:
+        out.backward(torch.ones_like(out))
+    if recompute:  # the sums again, from the buffer the backward kept
+        assert counter.histogram["_embedding_bag_forward_only"] == len(fast.weighted_nodes)
+    with pytest.raises(RuntimeError, match="freed"):
+        fn.saved_tensors  # released with the backward, like any saved tensor
+
+
+@pytest.mark.parametrize("recompute", [False, True])
 def test_auto_executor_runs_the_reference_on_cpu_and_lean_on_cuda(monkeypatch, recompute):
     """"auto" (the default): the CPU runs the reference (faster there: benchmarks/README.md),
     a CUDA device lean; RECOMPUTE asks for lean's memory, so it runs lean on any device."""
