@@ -96,12 +96,17 @@ def test_loader_report_covers_both_decode_paths(tmp_path):
     assert [r["workers"] for r in dev["loader"]] == [0] and dev["loader"][0]["img_s"] > 0
 
 
-def test_detection_cost_rows_and_ratios_at_a_tiny_size():
+def test_detection_cost_rows_and_ratios_at_a_tiny_size(monkeypatch):
     import randwire_d2  # noqa: F401
     from randwire_d2.benchmark.detection_cost import COST_KEYS, detection_cost
+    from randwire_d2.modeling import stage as stage_module
 
+    lean_calls = []  # the row says lean: lean runs (EXECUTOR auto would run the reference on a CPU)
+    real = stage_module.lean_forward
+    monkeypatch.setattr(stage_module, "lean_forward", lambda s, x: lean_calls.append(1) or real(s, x))
     torch.set_num_threads(1)
     out = detection_cost(images=1, size=(64, 96), tiny=True, log=lambda *_: None)
+    assert lean_calls
     rows = {r["model"]: r for r in out["rows"]}
     rw, r50 = rows["randwire-fpn"], rows["r50-fpn"]
     for r in (rw, r50):

@@ -6,8 +6,11 @@ the reference keeps four tensors for backward (the inputs' outputs ``y``, ``a = 
 the depthwise output ``z`` and the pre-norm ``p``) and runs one kernel per multiply and
 add. This executor runs each node as one autograd Function that
 
-* sums the weighted inputs in place (one multiply, then one ``addcmul_`` per input) and
-  applies the ReLU in place: one output tensor, no intermediates;
+* writes its output into one buffer per stage (BN's ``out=``), so the weighted sum of a
+  node's inputs is one gather over their rows (``embedding_bag`` with per-sample weights:
+  reads each input once, writes the sum once, accumulates in fp32 on CUDA) instead of a
+  multiply and an ``addcmul_`` per input, each re-reading and re-writing the sum; the ReLU
+  runs in place on it;
 * keeps only ``a`` and the node output ``y`` (which the consumers keep anyway): ``z`` is
   recomputed in backward (a depthwise conv, 9 MACs per element), and the BatchNorm
   backward runs from ``y`` instead of ``p``: with ``x_hat = (y - beta) / gamma`` it is
@@ -15,7 +18,7 @@ add. This executor runs each node as one autograd Function that
   the same formula at no extra traffic (the in-place ABN trick);
 * with ``recompute=True`` keeps only the inputs and ``y``: ``a`` is recomputed too;
 * computes the aggregation-weight gradients as dot products (no product tensors), and
-  adds ``w * delta`` into each input's gradient buffer in place (:class:`_GradTape`)
+  adds ``w * delta`` into each input's gradient buffer in place (:class:`_StageTape`)
   instead of autograd's multiply-then-add per extra consumer;
 * runs the nodes fed by the stage input as one Function (:class:`_InputLevel`): one
   shared ``ReLU(x)`` (the reference runs one per node), their depthwise outputs kept (the
@@ -30,13 +33,16 @@ does). Norms other than BatchNorm2d / naiveSyncBN (training) and FrozenBN -- GN,
 SyncBN (CUDA-only, so untestable here), BN in eval mode with gradients -- run the node with
 plain autograd ops (same results, the reference's memory).
 
-Kernel launches: per-node scalar work is done once per stage -- the aggregation weights and
-DropPath masks of all nodes in one draw (``RandWireStage.flat_aggregation_weights``, which
-the reference uses too, so both draw the same masks), the BN step counters in one
-``_foreach_add_``, the in-place-ABN backward terms of all BNs in one go (:class:`_StageTape`),
-the aggregation-weight gradients written into one (edges, batch) buffer -- and each parameter
-is cast once per step under autocast. No host sync and no value-dependent branch in the step
-(unless a BN has ``momentum=None``, whose factor needs the step count on the host).
+Kernel launches: a weighted sum is one op whatever the in-degree, and per-node scalar work
+is done once per stage -- the aggregation weights and DropPath masks of all nodes in one draw
+(``RandWireStage.flat_aggregation_weights``, which the reference uses too, so both draw the
+same masks), every gather's weights picked from them in one index op, the BN step counters
+in one ``_foreach_add_``, the in-place-ABN backward terms of all BNs in one go
+(:class:`_StageTape`), the aggregation-weight gradients written into one (edges, batch)
+buffer -- and each parameter is cast once per step under autocast. The gathers' index
+tensors are made once per batch size and device (:class:`BagPlan`). No host sync and no
+value-dependent branch in the step (unless a BN has ``momentum=None``, whose factor needs
+the step count on the host).
 """
 from __future__ import annotations
 
@@ -92,6 +98,8 @@ class _StageTape:
     * ``edge_grad``: the (edges, batch) aggregation-weight gradients, each node writing its
       rows; autograd concatenates the rows once per stage.
     * the in-place-ABN backward terms of every BN, computed in one go on first use.
+    * in the forward: the stage buffer every node writes its output into, and the gathers
+      (``bags``: indices, offsets, per-sample weights per weighted node) that sum from it.
     """
 
     def __init__(self, edge_offsets: Dict[int, int], num_edges: int, num_nodes: int, bags: Dict[int, tuple]):
@@ -128,7 +136,10 @@ class _StageTape:
             self.outputs, self._alias = base.permute(order), alias.permute(order)
             self.table = alias.view(self.num_nodes * b, -1)
             self._stats = like.new_empty(2, self.num_nodes, c, dtype=stats_dtype)
-        return self.outputs[v], self._alias[v].detach(), self._stats[0, v], self._stats[1, v]
+        stats = self._stats[:, v]
+        if stats.dtype != stats_dtype:  # a stage mixing norms of other dtypes (not ours)
+            stats = like.new_empty(2, like.shape[1], dtype=stats_dtype)
+        return self.outputs[v], self._alias[v].detach(), stats[0], stats[1]
 
     def weighted_sum(self, v: int, table: torch.Tensor) -> torch.Tensor:
         """sum_i w_i[b] x_i[b] over node ``v``'s inputs: one gather-and-sum of their rows of
