@@ -37,13 +37,12 @@ __all__ = ["ByteCounter", "training_cost"]
 _ALIASES = {torch.ops.aten._unsafe_view.default, torch.ops.aten.set_.source_Storage_storage_offset}
 # gathers: read only the table rows their indices name (operand 0: table, 1: indices)
 _GATHERS = {torch.ops.aten._embedding_bag_forward_only.default, torch.ops.aten._embedding_bag.default}
-
-
 # allocations: no memory touched (their results are counted where an op writes them)
 _ALLOCATIONS = {"empty", "new_empty", "empty_like", "empty_strided"}
 
 
 def _operand_bytes(func, args, kwargs, out) -> int:
+    """Bytes an op reads and writes: the sizes of its tensor operands and results."""
     if func.overloadpacket.__name__ in _ALLOCATIONS:
         return 0
     kwargs = kwargs or {}
